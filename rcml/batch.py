@@ -1,0 +1,61 @@
+"""The batch the loader yields and the model consumes.
+
+A batch has *items* (distinct image/caption pairs), *relations* (distinct relation texts) and *rows*,
+(item, relation) pairs. The loss is over rows; rows on any rank with equal ``group_ids`` are positives
+of each other. In training each item appears in exactly one row; at evaluation one item is scored under
+many relations, which is why rows index items and relations instead of copying them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+SELF_RELATION_TYPE = "self"
+
+
+def group_id(key: str) -> int:
+    """Hash a group key to a signed int64, identical on every rank, process and platform.
+
+    Python's ``hash`` is salted per process, so it cannot be used across ranks.
+    """
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def clip_mode_text(caption: str, relation_text: str) -> str:
+    """How the CLIP baseline sees a relation: appended to the caption (the paper's baseline input)."""
+    return f"{caption} {relation_text}".strip()
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor          # float [I, 3, S, S], normalized
+    text_ids: torch.Tensor        # long [I, L]  (clip mode: caption + relation text, I == B)
+    text_mask: torch.Tensor       # bool [I, L]  True = real token
+    relation_ids: torch.Tensor    # long [R, L]
+    relation_mask: torch.Tensor   # bool [R, L]
+    row_item: torch.Tensor        # long [B]
+    row_relation: torch.Tensor    # long [B]
+    group_ids: torch.Tensor       # int64 [B]
+    keys: list[str] = field(default_factory=list)            # [I] item ids
+    relation_types: list[str] = field(default_factory=list)  # [B]
+    skipped: dict[str, int] = field(default_factory=dict)    # skipped samples by reason since last batch
+    worker: int = 0               # logical DataLoader worker that produced the batch
+    index: int = 0                # that worker's batch counter
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.row_item.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+        moved = {}
+        for name, value in vars(self).items():
+            moved[name] = value.to(device, non_blocking=non_blocking) if isinstance(value, torch.Tensor) else value
+        return Batch(**moved)
+
+    def pin_memory(self) -> "Batch":
+        # DataLoader(pin_memory=True) calls this on custom batch types.
+        return Batch(**{k: (v.pin_memory() if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items()})

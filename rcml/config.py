@@ -1,0 +1,258 @@
+"""Run configuration: nested dataclasses, merged from YAML and ``key=value`` overrides.
+
+Every default lives here, once. ``load_config(yaml_path, overrides)`` returns a validated ``RunConfig``;
+any unknown key, wrong type or impossible value raises ``ConfigError`` naming the field (``train.lr``),
+before a single rank starts training. DeepSpeed's own JSON stays DeepSpeed's: optimizer, scheduler,
+precision, clipping and accumulation are read from it, not duplicated here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, mistyped or impossible; the message names the field."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""                 # shard URL pattern(s), brace-expanded; "a::b" joins sources
+    val: str = ""                   # held-out shards for periodic evaluation
+    weights: str = ""               # per-source sampling weights for "::" sources, e.g. "3::1"
+    tokenizer: str = ""             # tokenizer.json (default: <dir of first train shard>/tokenizer.json)
+    resampled: bool = False         # sample shards with replacement ("virtual epochs", infinite stream)
+    shard_shuffle: int = 100        # shard shuffle buffer (0 = keep order)
+    sample_shuffle: int = 0         # sample shuffle buffer before grouping (0 = off; grouping needs locality)
+    workers: int = 2                # DataLoader workers per rank
+    image_size: int = 64
+    context_length: int = 32        # tokens per caption / relation text, bos and eos included
+    groups_per_batch: int = 16      # P
+    members_per_group: int = 4      # K; local batch = P x K rows
+    min_group: int = 2              # a group is emitted once it has this many buffered members
+    buffer_size: int = 2048         # grouping buffer (items); overflow evicts oldest as singletons
+    type_weights: str = ""          # "subgroup=2,color=1"; empty = uniform over types present
+    strict: bool = False            # raise on the first bad sample instead of skipping and counting
+    max_image_pixels: int = 64_000_000  # decompression-bomb guard
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"              # tiny | base | path to a model JSON
+    mode: str = "rcml"              # rcml | clip (baseline: beta = 1, relation text joined to caption)
+    beta: float = 0.3               # e = normalize(beta * global + (1 - beta) * pooled)
+    vision_path: str = ""           # optional local transformers directory (CLIPVisionModel)
+    text_path: str = ""             # optional local transformers directory (CLIPTextModel)
+
+
+@dataclass
+class LossConfig:
+    w_inter: float = 1.0
+    w_intra: float = 1.0
+    impl: str = "auto"              # auto | torch | triton | reference
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    out_dir: str = "runs/default"
+    log_every: int = 5
+    ckpt_every: int = 50            # 0 = only at the end
+    keep_checkpoints: int = 3
+    eval_every: int = 0             # 0 = only at the end
+    max_nonfinite_steps: int = 5    # consecutive non-finite losses before aborting
+    collective_timeout_s: int = 60  # a dead rank fails the job instead of hanging
+    export: bool = True
+
+
+@dataclass
+class EvalConfig:
+    max_items: int = 512            # items from data.val used by the periodic evaluation
+    negatives: int = 20             # relation-guided retrieval: 1 positive + this many negatives
+    seed: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    mlflow: bool = True
+    experiment: str = "rcml"
+    run_name: str = ""
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.steps": 100, ...}``: for MLflow params and messages."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, obj: Any) -> None:
+            for f in dataclasses.fields(obj):
+                value = getattr(obj, f.name)
+                key = f"{prefix}{f.name}"
+                if dataclasses.is_dataclass(value):
+                    walk(key + ".", value)
+                else:
+                    out[key] = value
+
+        walk("", self)
+        return out
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML value or an override string to the field's declared type."""
+    if annotation in (bool, "bool"):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation in (int, "int"):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if annotation in (float, "float"):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if annotation in (str, "str"):
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
+        return "" if value is None else str(value)
+    raise ConfigError(f"{where}: unsupported field type {annotation!r}")
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(prefix + n for n in names))
+            raise ConfigError(f"unknown config key '{where}' (known here: {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a mapping of sub-keys, got {value!r}")
+            _apply(current, value, where + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "model.beta=0.5"]`` -> nested dict (values stay strings until coerced)."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=100)")
+        dotted, value = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of '{part}'")
+        node[parts[-1]] = value
+    return nested
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject impossible values with a message naming the field."""
+
+    def need(cond: bool, where: str, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{where}: {msg}")
+
+    d, m, lo, t = cfg.data, cfg.model, cfg.loss, cfg.train
+    need(m.mode in ("rcml", "clip"), "model.mode", f"must be 'rcml' or 'clip', got {m.mode!r}")
+    need(0.0 <= m.beta <= 1.0, "model.beta", f"must be in [0, 1], got {m.beta}")
+    need(lo.impl in ("auto", "torch", "triton", "reference"), "loss.impl",
+         f"must be auto|torch|triton|reference, got {lo.impl!r}")
+    need(lo.w_inter >= 0 and lo.w_intra >= 0, "loss.w_inter/w_intra", "weights must be >= 0")
+    need(lo.w_inter + lo.w_intra > 0, "loss.w_inter/w_intra", "at least one weight must be > 0")
+    need(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
+    need(bool(t.out_dir), "train.out_dir", "must not be empty")
+    need(t.log_every > 0, "train.log_every", "must be > 0")
+    need(t.ckpt_every >= 0, "train.ckpt_every", "must be >= 0")
+    need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    need(t.collective_timeout_s >= 5, "train.collective_timeout_s", "must be >= 5 seconds")
+    need(d.workers >= 0, "data.workers", "must be >= 0")
+    need(d.image_size >= 8, "data.image_size", "must be >= 8")
+    need(d.context_length >= 4, "data.context_length", "must be >= 4")
+    need(d.groups_per_batch >= 1, "data.groups_per_batch", "must be >= 1")
+    need(d.members_per_group >= 1, "data.members_per_group", "must be >= 1")
+    need(1 <= d.min_group <= max(d.members_per_group, 1), "data.min_group",
+         "must be between 1 and data.members_per_group")
+    need(d.buffer_size >= d.groups_per_batch * d.members_per_group, "data.buffer_size",
+         "must hold at least one batch (groups_per_batch x members_per_group)")
+    need(d.shard_shuffle >= 0 and d.sample_shuffle >= 0, "data.shard_shuffle/sample_shuffle", "must be >= 0")
+    need(cfg.eval.negatives >= 1, "eval.negatives", "must be >= 1")
+    if d.weights:
+        n_src = len(d.train.split("::"))
+        n_w = len(d.weights.split("::"))
+        need(n_w == n_src, "data.weights", f"has {n_w} weights for {n_src} '::'-joined sources in data.train")
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None,
+                require_data: bool = True) -> RunConfig:
+    import yaml
+
+    cfg = RunConfig()
+    if yaml_path:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping")
+        _apply(cfg, loaded)
+    if overrides:
+        _apply(cfg, parse_overrides(overrides))
+    validate(cfg)
+    if require_data and not cfg.data.train:
+        raise ConfigError("data.train: no training shards given (e.g. data.train='shards/train-{000000..000009}.tar')")
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> RunConfig:
+    cfg = RunConfig()
+    _apply(cfg, d)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def dumps(cfg: RunConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2)
+
