@@ -19,7 +19,6 @@ install: $(STAMP)
 # torch first and alone: a later `torch` requirement must find it satisfied, never fetch a CUDA build.
 $(STAMP): requirements.txt requirements-test.txt setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip==25.3
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements.txt pytest==9.2.0
 	$(PIP) install -q --no-deps open-clip-torch==3.3.0
