@@ -68,6 +68,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5    # consecutive non-finite losses before aborting
     collective_timeout_s: int = 60  # a dead rank fails the job instead of hanging
     export: bool = True
+    record_keys: bool = False       # write each step's item keys to keys_rank*.jsonl (resume audits, tests)
 
 
 @dataclass

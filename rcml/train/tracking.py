@@ -1,0 +1,84 @@
+"""MLflow tracking on rank 0: params, per-step metrics, artifacts.
+
+Default store: an embedded sqlite database in the run directory (``<out_dir>/mlflow.db``, artifacts in
+``<out_dir>/mlartifacts``), opened with ``mlflow ui --backend-store-uri sqlite:///<out_dir>/mlflow.db``.
+``MLFLOW_TRACKING_URI`` overrides it (a team server, for example). Other ranks get a no-op tracker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("rcml")
+
+
+class NullTracker:
+    uri = ""
+    run_id = ""
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None: ...
+
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+class MlflowTracker(NullTracker):
+    def __init__(self, out_dir: Path, experiment: str, run_name: str, resume_run_id: str = "") -> None:
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+
+        self._mlflow = mlflow
+        out_dir = out_dir.resolve()
+        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out_dir / 'mlflow.db'}"
+        mlflow.set_tracking_uri(self.uri)
+        if mlflow.get_experiment_by_name(experiment) is None:
+            artifact_root = None if os.environ.get("MLFLOW_TRACKING_URI") else (out_dir / "mlartifacts").as_uri()
+            mlflow.create_experiment(experiment, artifact_location=artifact_root)
+        mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_id=resume_run_id or None, run_name=None if resume_run_id else (run_name or None))
+        self.run_id = run.info.run_id
+        log.info("MLflow run %s at %s", self.run_id, self.uri)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        # MLflow params are immutable strings of <= 6000 chars; re-logging on resume must not fail.
+        existing = self._mlflow.get_run(self.run_id).data.params
+        fresh = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
+        items = list(fresh.items())
+        for i in range(0, len(items), 100):
+            self._mlflow.log_params(dict(items[i:i + 100]))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path, subdir: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._mlflow.log_artifacts(str(path), artifact_path=subdir)
+        elif path.exists():
+            self._mlflow.log_artifact(str(path), artifact_path=subdir)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self._mlflow.end_run(status=status)
+
+
+def make_tracker(enabled: bool, is_main: bool, out_dir: Path, experiment: str, run_name: str,
+                 resume_run_id: str = "") -> NullTracker:
+    if not (enabled and is_main):
+        return NullTracker()
+    return MlflowTracker(out_dir, experiment, run_name, resume_run_id)
+
+
+def flatten_ds_config(ds: dict[str, Any], prefix: str = "ds.") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in ds.items():
+        if isinstance(value, dict):
+            out.update(flatten_ds_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,369 @@
+"""The training loop: wires data, model, loss, DeepSpeed, checkpoints, tracking and evaluation.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches per rank; ``train.steps`` counts
+optimizer steps. Every rank runs the same loop; decisions that must be collective (skip a non-finite
+step, stop on a signal, save) are agreed through an all-reduce first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from rcml.config import RunConfig, save_config
+from rcml.train import checkpoint
+from rcml.train.distributed import WorldInfo, all_reduce_max, init_distributed, sum_counters
+from rcml.train.ds_config import load_ds_config, uses_bf16, zero_stage
+from rcml.train.signals import StopRequest
+from rcml.train.tracking import flatten_ds_config, make_tracker
+
+log = logging.getLogger("rcml")
+
+# Fault injection for the failure tests: comma-separated optimizer steps whose loss is made NaN.
+INJECT_NONFINITE_ENV = "RCML_TEST_NONFINITE_STEPS"
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def find_tokenizer(cfg: RunConfig) -> Path:
+    if cfg.data.tokenizer:
+        path = Path(cfg.data.tokenizer)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.tokenizer: {path} does not exist")
+        return path
+    import braceexpand
+
+    first = next(iter(braceexpand.braceexpand(cfg.data.train.split("::")[0])))
+    shard_dir = Path(first).parent
+    for candidate in (shard_dir / "tokenizer.json", shard_dir.parent / "tokenizer.json"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"no tokenizer.json next to {shard_dir} or in its parent; set data.tokenizer=PATH "
+        "(build one with `python -m data_prep.train_tokenizer --shards PATTERN --out tokenizer.json`)"
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ds_config_path: str, resume: str | None) -> None:
+        self.cfg = cfg
+        self.world: WorldInfo = init_distributed(cfg.train.collective_timeout_s)
+        setup_logging(self.world.rank)
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        if self.world.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        if cfg.model.mode == "clip" and cfg.loss.w_intra != 0:
+            log.info("model.mode=clip: the CLIP baseline has no intra-modal terms; using loss.w_intra=0")
+            cfg.loss.w_intra = 0.0
+        self.ds = load_ds_config(ds_config_path, cfg, self.world.world_size)
+        self.gas = int(self.ds["gradient_accumulation_steps"])
+        self.bf16 = uses_bf16(self.ds)
+        seed_everything(cfg.seed)  # identical on every rank: identical initial weights
+
+        from rcml.tokenizer import TextTokenizer
+
+        self.tokenizer_path = find_tokenizer(cfg)
+        self.tokenizer = TextTokenizer.from_file(str(self.tokenizer_path))
+        self.engine = self._build_engine()
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.skipped: dict[str, int] = {}
+        self.nonfinite_total = 0
+        self.mlflow_run_id = ""
+        if resume:
+            self._resume(resume)
+        seed_everything(cfg.seed + 1000 * self.world.rank + self.step)  # per-rank stream for any sampling
+        self.stop = StopRequest(self.out_dir / "STOP")
+        self.tracker = make_tracker(cfg.tracking.mlflow, self.world.is_main, self.out_dir,
+                                    cfg.tracking.experiment, cfg.tracking.run_name, self.mlflow_run_id)
+        self.mlflow_run_id = self.tracker.run_id
+        self.val_samples: list[dict[str, Any]] | None = None
+        self._inject = {int(s) for s in os.environ.get(INJECT_NONFINITE_ENV, "").split(",") if s.strip()}
+
+    # ------------------------------------------------------------------ setup
+    def _build_engine(self):
+        import deepspeed
+
+        from rcml.model import build_model
+
+        tok = self.tokenizer
+        with deepspeed.zero.Init(config_dict_or_path=self.ds, enabled=zero_stage(self.ds) == 3):
+            model = build_model(self.cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
+                                eos_id=tok.eos_id, context_length=self.cfg.data.context_length,
+                                image_size=self.cfg.data.image_size)
+        self.spec = model.spec
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        log.info("model %s (%s mode, beta=%.2f): %.2f M parameters, ZeRO stage %d, %s",
+                 self.cfg.model.name, self.cfg.model.mode, self.spec.get("beta", float("nan")), n_params / 1e6,
+                 zero_stage(self.ds), "bf16" if self.bf16 else "fp32")
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.ds
+        )
+        return engine
+
+    def _resume(self, which: str) -> None:
+        path = checkpoint.resolve(self.ckpt_dir, which)
+        if path is None:
+            log.info("--resume %s: no checkpoint in %s yet, starting from scratch", which, self.ckpt_dir)
+            return
+        state = checkpoint.load(self.engine, path, self.world.rank, self.world.world_size)
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.skipped = {k: int(v) for k, v in state["skipped"].items()}
+        self.nonfinite_total = int(state["nonfinite_total"])
+        self.mlflow_run_id = state.get("mlflow_run_id", "")
+        checkpoint.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d of the epoch)", path, self.step, self.epoch,
+                 self.batch_in_epoch)
+
+    def _loader(self):
+        from rcml.data import build_loader
+
+        return build_loader(self.cfg.data, self.tokenizer, mode=self.cfg.model.mode, rank=self.world.rank,
+                            world_size=self.world.world_size, seed=self.cfg.seed, epoch=self.epoch,
+                            start_batch=self.batch_in_epoch)
+
+    def _batches(self):
+        """Endless stream of micro-batches; advances epochs and keeps the resume position."""
+        while True:
+            produced = 0
+            for batch in self._loader():
+                produced += 1
+                self.batch_in_epoch += 1
+                yield batch
+            if produced == 0 and self.batch_in_epoch == 0:
+                raise RuntimeError(f"rank {self.world.rank}: epoch {self.epoch} of {self.cfg.data.train} "
+                                   "produced no batch (no shards or no valid sample for this rank)")
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    # ------------------------------------------------------------------ step
+    def _forward_loss(self, batch) -> dict[str, torch.Tensor]:
+        from rcml.loss import relation_contrastive_loss
+
+        batch = batch.to(self.world.device)
+        if self.bf16:
+            batch.images = batch.images.to(torch.bfloat16)
+        out = self.engine(batch)
+        return relation_contrastive_loss(
+            out["image_emb"].float(), out["text_emb"].float(), batch.group_ids, out["logit_scale"].float(),
+            w_inter=self.cfg.loss.w_inter, w_intra=self.cfg.loss.w_intra, impl=self.cfg.loss.impl,
+        ) | {"logit_scale": out["logit_scale"].detach().float()}
+
+    def _record_keys(self, step: int, keys: list[str]) -> None:
+        with open(self.out_dir / f"keys_rank{self.world.rank:05d}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "keys": keys}) + "\n")
+
+    def train(self) -> int:
+        cfg, world = self.cfg, self.world
+        if world.is_main:
+            save_config(cfg, self.out_dir / "run_config.yaml")
+            (self.out_dir / "ds_config.json").write_text(json.dumps(self.ds, indent=2))
+            self.tracker.log_params(cfg.flat() | flatten_ds_config(self.ds) | {"world_size": world.world_size})
+            self.tracker.log_artifact(self.out_dir / "run_config.yaml", "config")
+            self.tracker.log_artifact(self.out_dir / "ds_config.json", "config")
+        stream = self._batches()
+        consecutive_bad = 0
+        window_rows, window_start = 0, time.perf_counter()
+        bar = None
+        if world.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stdout)
+        self.engine.train()
+        status = "FINISHED"
+        try:
+            while self.step < cfg.train.steps:
+                terms_sum = torch.zeros(6)  # loss, it, ti, ii, tt, logit_scale (summed over micro-batches)
+                bad = False
+                step_keys: list[str] = []
+                for _ in range(self.gas):
+                    batch = next(stream)
+                    for reason, n in batch.skipped.items():
+                        self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
+                    step_keys.extend(batch.keys)
+                    window_rows += batch.num_rows
+                    losses = self._forward_loss(batch)
+                    if self.step + 1 in self._inject:
+                        losses["loss"] = losses["loss"] * float("nan")
+                    # all ranks must agree: DeepSpeed's backward and step are collective
+                    if all_reduce_max(not bool(torch.isfinite(losses["loss"]).item()), world.device) > 0:
+                        bad = True
+                        break
+                    self.engine.backward(losses["loss"])
+                    self.engine.step()
+                    terms_sum += torch.stack([losses[k].detach().float().cpu() for k in
+                                              ("loss", "it", "ti", "ii", "tt", "logit_scale")])
+                self.step += 1
+                if cfg.train.record_keys:
+                    self._record_keys(self.step, step_keys)
+                if bad:
+                    self.nonfinite_total += 1
+                    consecutive_bad += 1
+                    log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in total)", self.step,
+                                consecutive_bad, self.nonfinite_total)
+                    if consecutive_bad >= cfg.train.max_nonfinite_steps:
+                        raise RuntimeError(
+                            f"{consecutive_bad} consecutive steps had a non-finite loss (train.max_nonfinite_steps="
+                            f"{cfg.train.max_nonfinite_steps}); aborting. Lower the learning rate, check the data "
+                            "(skipped-sample counters) or resume from an earlier checkpoint.")
+                else:
+                    consecutive_bad = 0
+                    self._after_step(terms_sum / self.gas, bar, window_rows, window_start)
+                    if self.step % cfg.train.log_every == 0:
+                        window_rows, window_start = 0, time.perf_counter()
+                if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < cfg.train.steps:
+                    self.save()
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
+                    self.evaluate()
+                reason = self.stop.local_reason()
+                if all_reduce_max(reason is not None, world.device) > 0:
+                    log.warning("stop requested (%s): saving a checkpoint at step %d and exiting", reason or
+                                "on another rank", self.step)
+                    self.save()
+                    self.stop.clear()
+                    status = "KILLED"
+                    return 0
+            self.save()
+            self.evaluate()
+            if cfg.train.export:
+                self.export()
+            return 0
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            self.tracker.close(status)
+
+    def _after_step(self, terms: torch.Tensor, bar, window_rows: int, window_start: float) -> None:
+        cfg = self.cfg
+        if bar is not None:
+            bar.update(1)
+        if self.step % cfg.train.log_every != 0 and self.step != cfg.train.steps:
+            return
+        # mean over ranks of the per-rank values is the global loss (the loss contract)
+        t = terms.to(self.world.device)
+        dist.all_reduce(t)
+        t = (t / self.world.world_size).cpu()
+        rows = torch.tensor([float(window_rows)], device=self.world.device)
+        dist.all_reduce(rows)
+        skipped = sum_counters(self.skipped)
+        elapsed = max(time.perf_counter() - window_start, 1e-9)
+        metrics = {"loss": t[0].item(), "loss_it": t[1].item(), "loss_ti": t[2].item(), "loss_ii": t[3].item(),
+                   "loss_tt": t[4].item(), "logit_scale": t[5].item(), "lr": float(self.engine.get_lr()[0]),
+                   "samples_per_s": rows.item() / elapsed, "epoch": self.epoch,
+                   "nonfinite_steps": self.nonfinite_total, "skipped_total": sum(skipped.values())}
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            metrics["grad_norm"] = float(grad_norm)
+        metrics.update({f"skipped_{k}": v for k, v in skipped.items()})
+        if self.world.is_main:
+            self.tracker.log_metrics(metrics, self.step)
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step} | metrics) + "\n")
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.0f}")
+            log.info("step %d loss %.4f (it %.4f ti %.4f ii %.4f tt %.4f) scale %.2f lr %.2e %.1f samples/s skipped %d",
+                     self.step, metrics["loss"], metrics["loss_it"], metrics["loss_ti"], metrics["loss_ii"],
+                     metrics["loss_tt"], metrics["logit_scale"], metrics["lr"], metrics["samples_per_s"],
+                     metrics["skipped_total"])
+
+    # ------------------------------------------------------------------ state
+    def save(self) -> None:
+        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                 "skipped": dict(self.skipped), "nonfinite_total": self.nonfinite_total,
+                 "rng": checkpoint.rng_state(), "world_size": self.world.world_size,
+                 "mlflow_run_id": self.mlflow_run_id}
+        extra = {"run_config.yaml": (self.out_dir / "run_config.yaml").read_text() if self.world.is_main else "",
+                 "ds_config.json": json.dumps(self.ds, indent=2)}
+        checkpoint.save(self.engine, self.ckpt_dir, self.step, state, extra, self.cfg.train.keep_checkpoints,
+                        self.world.rank)
+
+    def evaluate(self) -> dict[str, Any] | None:
+        if not self.cfg.data.val:
+            return None
+        from rcml.data import iter_samples
+        from rcml.eval import evaluate, write_report
+
+        if self.val_samples is None:
+            self.val_samples = []
+            for sample in iter_samples(self.cfg.data.val):
+                self.val_samples.append(sample)
+                if len(self.val_samples) >= self.cfg.eval.max_items:
+                    break
+        module = self.engine.module
+        module.eval()
+        # every rank runs the same forwards (ZeRO-3 gathers parameters collectively); rank 0 reports
+        report = evaluate(module, self.tokenizer, self.val_samples, mode=self.cfg.model.mode,
+                          context_length=self.cfg.data.context_length, image_size=self.cfg.data.image_size,
+                          negatives=self.cfg.eval.negatives, seed=self.cfg.eval.seed, device=self.world.device)
+        module.train()
+        if self.world.is_main:
+            out = self.out_dir / "eval" / f"step_{self.step:08d}"
+            write_report(report, out)
+            self.tracker.log_metrics(flat_numbers(report, "eval/"), self.step)
+            self.tracker.log_artifact(out, f"eval/step_{self.step:08d}")
+            hit5 = report["retrieval"]["hit@5"]
+            log.info("eval step %d: relation-guided Hit@5 %s", self.step,
+                     " ".join(f"{k} {v:.3f}" for k, v in hit5.items()))
+        dist.barrier()
+        return report
+
+    def export(self) -> None:
+        from rcml.export import consolidated_state_dict, write_export
+
+        state = consolidated_state_dict(self.engine.module, self.world.is_main)
+        if self.world.is_main:
+            out = write_export(self.out_dir / "export", state, self.spec, self.tokenizer_path,
+                               (self.out_dir / "run_config.yaml").read_text())
+            log.info("exported %d tensors to %s (load with rcml.from_pretrained)", len(state), out)
+            self.tracker.log_artifact(out / "spec.json", "export")
+        dist.barrier()
+
+
+def flat_numbers(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """``{"retrieval": {"hit@5": {"AVG": 0.4}}}`` -> ``{"retrieval/hit@5/AVG": 0.4}`` (numbers only)."""
+    out: dict[str, float] = {}
+    for key, value in report.items():
+        name = f"{prefix}{key}".replace("@", "_at_")
+        if isinstance(value, dict):
+            out.update(flat_numbers(value, name + "/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[name] = float(value)
+    return out
+
+
+def train(cfg: RunConfig, ds_config_path: str, resume: str | None = None) -> int:
+    trainer = Trainer(cfg, ds_config_path, resume)
+    return trainer.train()
