@@ -1,0 +1,52 @@
+"""Config: YAML + overrides merge, and every bad value is rejected with the field named."""
+
+import pytest
+
+from rcml.config import ConfigError, load_config, parse_overrides
+
+
+def test_overrides_and_yaml_merge(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("seed: 3\ndata:\n  train: a-{0..3}.tar\n  workers: 4\nmodel:\n  beta: 0.5\n")
+    cfg = load_config(y, ["model.beta=0.25", "train.steps=17", "data.resampled=true", "loss.w_intra=0"])
+    assert cfg.seed == 3
+    assert cfg.data.train == "a-{0..3}.tar" and cfg.data.workers == 4 and cfg.data.resampled is True
+    assert cfg.model.beta == 0.25 and cfg.train.steps == 17 and cfg.loss.w_intra == 0.0
+    flat = cfg.flat()
+    assert flat["train.steps"] == 17 and flat["model.beta"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.stepz=3", "train.stepz"),          # unknown key
+        ("train.steps=ten", "train.steps"),        # wrong type
+        ("train.steps=0", "train.steps"),          # impossible value
+        ("model.beta=1.5", "model.beta"),
+        ("model.mode=blip", "model.mode"),
+        ("data.resampled=maybe", "data.resampled"),
+        ("loss.impl=cuda", "loss.impl"),
+        ("data.min_group=9", "data.min_group"),    # larger than members_per_group
+        ("data.weights=1::2", "data.weights"),     # two weights for one source
+    ],
+)
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.train=x.tar", override])
+    assert field in str(err.value)
+
+
+def test_missing_train_data_is_reported():
+    with pytest.raises(ConfigError, match="data.train"):
+        load_config(None, ["train.steps=3"])
+
+
+def test_override_syntax():
+    assert parse_overrides(["a.b=1", "a.c=x=y"]) == {"a": {"b": "1", "c": "x=y"}}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["train.steps"])
+
+
+def test_demo_config_is_valid():
+    cfg = load_config("configs/pretrain/demo.yaml", [])
+    assert cfg.model.name == "tiny" and cfg.train.steps > 0
