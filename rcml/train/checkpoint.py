@@ -31,6 +31,10 @@ import torch.distributed as dist
 
 log = logging.getLogger("rcml")
 
+# Fault injection for the atomicity test: pause (seconds) after the rank files are written, before
+# publishing, so that a test can kill a rank mid-save.
+SAVE_PAUSE_ENV = "RCML_TEST_SAVE_PAUSE_S"
+
 LATEST = "latest"
 COMPLETE = "COMPLETE"
 TMP_PREFIX = ".tmp-"
@@ -109,6 +113,11 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict[str, Any], extra_fi
     engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False)
     tmp = ckpt_dir / tmp_tag
     torch.save(rank_state, tmp / _rank_state_name(rank))
+    if float(os.environ.get(SAVE_PAUSE_ENV, "0")) > 0:
+        import time
+
+        log.warning("pausing %s s before publishing %s (%s)", os.environ[SAVE_PAUSE_ENV], tag, SAVE_PAUSE_ENV)
+        time.sleep(float(os.environ[SAVE_PAUSE_ENV]))
     dist.barrier()
     if rank == 0:
         for name, text in extra_files.items():
