@@ -1,0 +1,271 @@
+"""Triton kernels of the many-to-many contrastive row loss (the ``triton`` face of kernels/contrastive.py).
+
+Forward, one program per block of BLOCK_M rows: stream the columns in BLOCK_N tiles, each logits tile
+``s * R_tile @ C_tile^T`` accumulated over D in BLOCK_D slices (fp32), with an online softmax (running
+max and sum) and the positive statistics of the tile (``g_row == g_col`` on int64 ids, self column
+removed): per-row count and sum of positive logits. It writes only lse, count and loss per row.
+
+Backward recomputes the logits tile by tile, as two passes:
+  rows pass    (program per row block, loop over column blocks):    dR_i = s sum_k C_ik c_k, ds_i
+  columns pass (program per column block, loop over row blocks):    dC_k = s sum_i C_ik r_i
+with C_ik = g_i (softmax_ik - [k in P(i)] / |P(i)|). Why two passes instead of one pass with atomics:
+with atomics every row block would add a [BLOCK_N, D] tile into every column's gradient, i.e.
+(b / BLOCK_M) x N x D contended fp32 atomic adds, which are slow and make the result depend on the
+order of arrival; the second pass costs one more recompute of the logits, which is tensor-core work,
+and keeps both passes deterministic and free of atomics. The scale gradient is sum_i r_i . (dR_i / s),
+written per row and summed by torch (again no atomics).
+
+No b x N tensor exists in either pass. Inputs fp32 or bf16 (or fp16); accumulation is fp32. On a GPU
+bf16 tiles go to the tensor cores as bf16 with fp32 accumulation; under TRITON_INTERPRET=1 they are
+cast to fp32 right after loading (bf16 arithmetic and bf16 tl.dot are wrong in the interpreter).
+fp32 inputs use ``input_precision="ieee"`` (no TF32 rounding), so fp32 results match the reference.
+
+Block sizes: one config (multi-config autotune needs a GPU to benchmark); the defaults are meant for
+H100/H200 at D = 512 and can be overridden per call (``TritonBlocks``) or in a scope (``blocks(...)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+# Read when this module is imported: Triton decides interpretation at the same moment.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class TritonBlocks:
+    fwd_m: int = 128   # forward: rows per program
+    fwd_n: int = 64    # forward: columns per tile
+    bwd_m: int = 64    # backward: rows per tile (programs of the rows pass hold a [bwd_m, D] fp32 accumulator)
+    bwd_n: int = 64    # backward: columns per tile (programs of the columns pass hold a [bwd_n, D] accumulator)
+    block_d: int = 64  # D slice of the logits dot products
+    num_warps: int = 8
+    num_stages: int = 2
+
+    def check(self) -> None:
+        for name in ("fwd_m", "fwd_n", "bwd_m", "bwd_n", "block_d"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"TritonBlocks.{name} must be a power of two >= 16 (tl.dot on a GPU), got {v}")
+
+
+_blocks = TritonBlocks()
+
+
+@contextlib.contextmanager
+def blocks(**overrides):
+    """Temporarily change the block sizes used by ``impl="triton"`` (benchmarks, tests of tiling)."""
+    global _blocks
+    old = _blocks
+    _blocks = replace(old, **overrides)
+    _blocks.check()
+    try:
+        yield _blocks
+    finally:
+        _blocks = old
+
+
+@triton.jit
+def _logits_tile(R, C, offs_m, offs_n, m_mask, n_mask, d, stride_r, stride_c, s,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 CAST: tl.constexpr, PRECISION: tl.constexpr):
+    """s * R[offs_m] @ C[offs_n]^T, fp32 [BLOCK_M, BLOCK_N], accumulated over D in BLOCK_D slices."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start_d in range(0, d, BLOCK_D):
+        offs_d = start_d + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < d
+        r = tl.load(R + offs_m[:, None] * stride_r + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        c = tl.load(C + offs_n[:, None] * stride_c + offs_d[None, :], mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        if CAST:
+            r = r.to(tl.float32)
+            c = c.to(tl.float32)
+        acc = tl.dot(r, tl.trans(c), acc, input_precision=PRECISION)
+    return acc * s
+
+
+@triton.jit
+def _tile_masks(offs_m, offs_n, m_mask, n_mask, rg, cg, self_offset, HAS_SELF: tl.constexpr):
+    """(valid [M, N]: real column, not the row's own; positive [M, N]: valid and same group)."""
+    valid = m_mask[:, None] & n_mask[None, :]
+    if HAS_SELF:
+        valid = valid & (offs_n[None, :] != offs_m[:, None] + self_offset)
+    return valid, valid & (rg[:, None] == cg[None, :])
+
+
+@triton.jit
+def _fwd_kernel(R, C, RG, CG, SCALE, LOSS, LSE, CNT, b, n, d, stride_r, stride_c, self_offset,
+                HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                CAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_mask = offs_m < b
+    rg = tl.load(RG + offs_m, mask=m_mask, other=0)  # int64 group ids
+    s = tl.load(SCALE).to(tl.float32)
+    # Finite start: a fully masked tile then gives exp(-inf - (-1e30)) = 0 instead of NaN.
+    m_i = tl.full([BLOCK_M], -1e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    pos_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for start_n in range(0, n, BLOCK_N):
+        offs_n = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_mask = offs_n < n
+        z = _logits_tile(R, C, offs_m, offs_n, m_mask, n_mask, d, stride_r, stride_c, s,
+                         BLOCK_M, BLOCK_N, BLOCK_D, CAST, PRECISION)
+        cg = tl.load(CG + offs_n, mask=n_mask, other=0)
+        valid, pos = _tile_masks(offs_m, offs_n, m_mask, n_mask, rg, cg, self_offset, HAS_SELF)
+        z = tl.where(valid, z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
+        m_i = m_new
+        pos_sum += tl.sum(tl.where(pos, z, 0.0), 1)
+        cnt += tl.sum(pos.to(tl.int32), 1)
+    # l_i >= 1 once a column was seen (the max term is exp(0)); an empty softmax (the row is the only
+    # column) gets lse 0: its loss is 0 anyway, and the max() keeps log() off zero in masked rows.
+    lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1.0)), 0.0)
+    loss = tl.where(cnt > 0, lse - pos_sum / tl.maximum(cnt, 1).to(tl.float32), 0.0)
+    tl.store(LOSS + offs_m, loss, mask=m_mask)
+    tl.store(LSE + offs_m, lse, mask=m_mask)
+    tl.store(CNT + offs_m, cnt, mask=m_mask)
+
+
+@triton.jit
+def _coef_tile(z, valid, pos, lse, cnt, g):
+    """dL/dz for a [M, N] tile: g_i (softmax_ik - [k in P(i)] / |P(i)|); 0 for rows without positives."""
+    p = tl.exp(tl.where(valid, z, float("-inf")) - lse[:, None])
+    inv_cnt = 1.0 / tl.maximum(cnt, 1).to(tl.float32)
+    g = tl.where(cnt > 0, g, 0.0)
+    return g[:, None] * (p - tl.where(pos, inv_cnt[:, None], 0.0))
+
+
+@triton.jit
+def _bwd_rows_kernel(R, C, RG, CG, SCALE, LSE, CNT, G, DR, DS, b, n, d, stride_r, stride_c, stride_dr, self_offset,
+                     HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     D_PAD: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    m_mask = offs_m < b
+    offs_dp = tl.arange(0, D_PAD)
+    dp_mask = offs_dp < d
+    rg = tl.load(RG + offs_m, mask=m_mask, other=0)
+    lse = tl.load(LSE + offs_m, mask=m_mask, other=0.0)
+    cnt = tl.load(CNT + offs_m, mask=m_mask, other=0)
+    g = tl.load(G + offs_m, mask=m_mask, other=0.0)
+    s = tl.load(SCALE).to(tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)  # sum_k coef_ik c_k
+    for start_n in range(0, n, BLOCK_N):
+        offs_n = (start_n + tl.arange(0, BLOCK_N)).to(tl.int64)
+        n_mask = offs_n < n
+        z = _logits_tile(R, C, offs_m, offs_n, m_mask, n_mask, d, stride_r, stride_c, s,
+                         BLOCK_M, BLOCK_N, BLOCK_D, CAST, PRECISION)
+        cg = tl.load(CG + offs_n, mask=n_mask, other=0)
+        valid, pos = _tile_masks(offs_m, offs_n, m_mask, n_mask, rg, cg, self_offset, HAS_SELF)
+        coef = _coef_tile(z, valid, pos, lse, cnt, g)  # [M, N] fp32
+        c = tl.load(C + offs_n[:, None] * stride_c + offs_dp[None, :], mask=n_mask[:, None] & dp_mask[None, :],
+                    other=0.0)  # [N, D_PAD]
+        if CAST:
+            c = c.to(tl.float32)
+        acc = tl.dot(coef.to(c.dtype), c, acc, input_precision=PRECISION)
+    r = tl.load(R + offs_m[:, None] * stride_r + offs_dp[None, :], mask=m_mask[:, None] & dp_mask[None, :],
+                other=0.0).to(tl.float32)
+    tl.store(DS + offs_m, tl.sum(r * acc, 1), mask=m_mask)  # per-row share of dL/ds
+    tl.store(DR + offs_m[:, None] * stride_dr + offs_dp[None, :], acc * s, mask=m_mask[:, None] & dp_mask[None, :])
+
+
+@triton.jit
+def _bwd_cols_kernel(R, C, RG, CG, SCALE, LSE, CNT, G, DC, b, n, d, stride_r, stride_c, stride_dc, self_offset,
+                     HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     D_PAD: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_mask = offs_n < n
+    offs_dp = tl.arange(0, D_PAD)
+    dp_mask = offs_dp < d
+    cg = tl.load(CG + offs_n, mask=n_mask, other=0)
+    s = tl.load(SCALE).to(tl.float32)
+    acc = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)  # sum_i coef_ik r_i
+    for start_m in range(0, b, BLOCK_M):
+        offs_m = (start_m + tl.arange(0, BLOCK_M)).to(tl.int64)
+        m_mask = offs_m < b
+        rg = tl.load(RG + offs_m, mask=m_mask, other=0)
+        lse = tl.load(LSE + offs_m, mask=m_mask, other=0.0)
+        cnt = tl.load(CNT + offs_m, mask=m_mask, other=0)
+        g = tl.load(G + offs_m, mask=m_mask, other=0.0)
+        z = _logits_tile(R, C, offs_m, offs_n, m_mask, n_mask, d, stride_r, stride_c, s,
+                         BLOCK_M, BLOCK_N, BLOCK_D, CAST, PRECISION)
+        valid, pos = _tile_masks(offs_m, offs_n, m_mask, n_mask, rg, cg, self_offset, HAS_SELF)
+        coef = _coef_tile(z, valid, pos, lse, cnt, g)  # [M, N]
+        r = tl.load(R + offs_m[:, None] * stride_r + offs_dp[None, :], mask=m_mask[:, None] & dp_mask[None, :],
+                    other=0.0)  # [M, D_PAD]
+        if CAST:
+            r = r.to(tl.float32)
+        acc = tl.dot(tl.trans(coef).to(r.dtype), r, acc, input_precision=PRECISION)
+    tl.store(DC + offs_n[:, None] * stride_dc + offs_dp[None, :], acc * s, mask=n_mask[:, None] & dp_mask[None, :])
+
+
+def _launch_args(rows: torch.Tensor, cfg: TritonBlocks) -> dict:
+    cast = INTERPRET and rows.dtype != torch.float32
+    precision = "ieee" if (rows.dtype == torch.float32 or cast) else "tf32"  # tf32 is ignored for bf16 operands
+    d_pad = max(16, triton.next_power_of_2(rows.shape[1]))
+    return dict(CAST=cast, PRECISION=precision, BLOCK_D=min(cfg.block_d, d_pad), D_PAD=d_pad)
+
+
+class _TritonRowLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, cols, scale, row_groups, col_groups, self_offset, cfg):
+        b, n, d = rows.shape[0], cols.shape[0], rows.shape[1]
+        loss = torch.empty(b, dtype=torch.float32, device=rows.device)  # [b]
+        lse = torch.empty_like(loss)
+        cnt = torch.empty(b, dtype=torch.int32, device=rows.device)
+        a = _launch_args(rows, cfg)
+        has_self = self_offset is not None
+        if b > 0:
+            _fwd_kernel[(triton.cdiv(b, cfg.fwd_m),)](
+                rows, cols, row_groups, col_groups, scale, loss, lse, cnt, b, n, d, rows.stride(0), cols.stride(0),
+                self_offset or 0, HAS_SELF=has_self, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=a["BLOCK_D"],
+                CAST=a["CAST"], PRECISION=a["PRECISION"], num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ctx.save_for_backward(rows, cols, scale, row_groups, col_groups, lse, cnt)
+        ctx.self_offset, ctx.cfg = self_offset, cfg
+        num_pos = cnt.long()
+        ctx.mark_non_differentiable(num_pos)
+        return loss, num_pos
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_num_pos):
+        rows, cols, scale, row_groups, col_groups, lse, cnt = ctx.saved_tensors
+        cfg, b, n, d = ctx.cfg, rows.shape[0], cols.shape[0], rows.shape[1]
+        g = grad_loss.float().contiguous()  # [b]
+        a = _launch_args(rows, cfg)
+        common = dict(HAS_SELF=ctx.self_offset is not None, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages, **a)
+        so = ctx.self_offset or 0
+        grad_rows = grad_cols = grad_scale = None
+        need_rows, need_cols, need_scale = ctx.needs_input_grad[:3]
+        if (need_rows or need_scale) and b > 0 and n > 0:
+            dr = torch.empty(b, d, dtype=torch.float32, device=rows.device)  # [b, D]
+            ds = torch.empty(b, dtype=torch.float32, device=rows.device)  # [b]
+            _bwd_rows_kernel[(triton.cdiv(b, cfg.bwd_m),)](
+                rows, cols, row_groups, col_groups, scale, lse, cnt, g, dr, ds, b, n, d, rows.stride(0),
+                cols.stride(0), dr.stride(0), so, **common)
+            grad_rows = dr.to(rows.dtype) if need_rows else None
+            grad_scale = ds.sum().reshape(scale.shape).to(scale.dtype) if need_scale else None
+        if need_cols and b > 0 and n > 0:
+            dc = torch.empty(n, d, dtype=torch.float32, device=cols.device)  # [N, D]
+            _bwd_cols_kernel[(triton.cdiv(n, cfg.bwd_n),)](
+                rows, cols, row_groups, col_groups, scale, lse, cnt, g, dc, b, n, d, rows.stride(0), cols.stride(0),
+                dc.stride(0), so, **common)
+            grad_cols = dc.to(cols.dtype)
+        return grad_rows, grad_cols, grad_scale, None, None, None, None
+
+
+def triton_row_loss(rows, cols, row_groups, col_groups, scale, self_offset=None, cfg: TritonBlocks | None = None):
+    """The ``impl="triton"`` row loss; inputs already validated by kernels.contrastive. See that module."""
+    if rows.dtype not in (torch.float32, torch.bfloat16, torch.float16) or cols.dtype != rows.dtype:
+        raise TypeError(f"impl='triton' takes fp32, bf16 or fp16 rows and cols of one dtype, got {rows.dtype} / "
+                        f"{cols.dtype} (use impl='reference' or 'torch' for fp64)")
+    cfg = cfg or _blocks
+    cfg.check()
+    return _TritonRowLoss.apply(rows.contiguous(), cols.contiguous(), scale.reshape(1).contiguous(),
+                                row_groups.contiguous(), col_groups.contiguous(), self_offset, cfg)

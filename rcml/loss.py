@@ -1,0 +1,117 @@
+"""The RCML loss: four many-to-many contrastive terms over the rows of the whole world.
+
+Global rows n = 1..N over all ranks, image / text embeddings u_n / t_n (unit norm), scale s, group ids
+g_n, positives P(i) = {k : g_k = g_i} (DESIGN.md section 6)::
+
+    L_IT = 1/N  sum_i       [LSE_k s u_i.t_k - mean_{k in P(i)} s u_i.t_k]          (L_TI: u <-> t)
+    L_II = 1/N' sum_{|P(i)|>1} [LSE_{k!=i} s u_i.u_k - mean_{k in P(i), k!=i} s u_i.u_k]  (L_TT on t)
+    L    = w_inter (L_IT + L_TI) / 2 + w_intra (L_II + L_TT) / 2
+
+N' counts the rows (global) with an intra-modal positive; with none the intra terms are 0.
+
+Distribution is OpenCLIP's "local loss + gather with grad": each rank scores its own rows against the
+gathered columns (kernels.distributed.all_gather_rows, whose backward reduce-scatters the column
+gradients to their owners) and scales its partial sums by W, so that for W ranks:
+
+- the mean over ranks of each returned value is the global value (loss and each of the four terms);
+- the gradient of rank r's own rows is W x dL/d(those rows), and the mean over ranks of the
+  logit-scale gradient is dL/ds; after DeepSpeed/DDP average gradients, every parameter gets exactly
+  the gradient of L.
+
+With one process the I->T and T->I logits are transposes of each other, and
+``multi_positive_pair_loss`` computes them once for both directions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.contrastive import multi_positive_pair_loss, multi_positive_row_loss, resolve_impl
+from kernels.distributed import all_gather_rows, all_gather_rows_nograd, gather_row_counts
+
+TERMS = ("it", "ti", "ii", "tt")
+
+
+def _check(image_emb: torch.Tensor, text_emb: torch.Tensor, group_ids: torch.Tensor) -> None:
+    if image_emb.dim() != 2 or image_emb.shape != text_emb.shape:
+        raise ValueError(
+            f"image_emb and text_emb must both be [rows, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
+    if group_ids.shape != (image_emb.shape[0],) or group_ids.dtype != torch.int64:
+        raise ValueError(
+            f"group_ids must be int64 [rows] = [{image_emb.shape[0]}] (rcml.batch.group_id), got "
+            f"{group_ids.dtype} {tuple(group_ids.shape)}"
+        )
+    if image_emb.device != text_emb.device or group_ids.device != image_emb.device:
+        raise ValueError(f"embeddings and group_ids must be on one device, got {image_emb.device}, "
+                         f"{text_emb.device}, {group_ids.device}")
+
+
+def _rows_with_intra_positive(all_groups: torch.Tensor) -> torch.Tensor:
+    """N': rows whose group has another member anywhere in the world. 0-d int64 tensor (no host sync)."""
+    _, inverse, counts = torch.unique(all_groups, return_inverse=True, return_counts=True)
+    return (counts[inverse] > 1).sum()
+
+
+def relation_contrastive_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    group_ids: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    *,
+    w_inter: float = 1.0,
+    w_intra: float = 1.0,
+    impl: str = "auto",
+    group=None,
+) -> dict[str, torch.Tensor]:
+    """This rank's share of the RCML loss (see the module docstring for the world semantics).
+
+    image_emb, text_emb: [b, D] unit-norm embeddings of this rank's rows; group_ids: int64 [b];
+    logit_scale: the exp'd scale (0-d tensor, usually a parameter). ``group``: process group
+    (default: the world, when torch.distributed is initialized). ``impl``: see kernels.contrastive.
+
+    Returns {"loss", "it", "ti", "ii", "tt"}, fp32 0-d tensors (fp64 for fp64 embeddings). A term whose weight is 0 is not computed
+    and is reported as 0.
+    """
+    _check(image_emb, text_emb, group_ids)
+    if w_inter < 0 or w_intra < 0:
+        raise ValueError(f"loss weights must be >= 0, got w_inter={w_inter}, w_intra={w_intra}")
+    device = image_emb.device
+    impl = resolve_impl(impl, device)
+    dtype = torch.promote_types(torch.float32, image_emb.dtype)  # fp32 (fp64 when checking against an oracle)
+    scale = torch.as_tensor(logit_scale, device=device).to(dtype).reshape(())
+
+    counts = gather_row_counts(image_emb.shape[0], device, group)
+    world, num_rows = len(counts), sum(counts)
+    if num_rows == 0:
+        raise ValueError("relation_contrastive_loss: the batch has no rows on any rank")
+    zero = torch.zeros((), dtype=dtype, device=device)
+    terms = dict.fromkeys(TERMS, zero)
+
+    if world == 1:
+        all_groups, offset, u_all, t_all = group_ids, 0, image_emb, text_emb
+        if w_inter > 0:
+            it_rows, ti_rows, _ = multi_positive_pair_loss(image_emb, text_emb, group_ids, scale, impl=impl)
+            terms["it"], terms["ti"] = it_rows.sum() / num_rows, ti_rows.sum() / num_rows
+    else:
+        all_groups, offset = all_gather_rows_nograd(group_ids, group=group, counts=counts)
+        u_all, _ = all_gather_rows(image_emb, group=group, counts=counts)  # [N, D]
+        t_all, _ = all_gather_rows(text_emb, group=group, counts=counts)  # [N, D]
+        if w_inter > 0:
+            # Local rows against all columns; x W so that the mean over ranks is the global mean.
+            it_rows, _ = multi_positive_row_loss(image_emb, t_all, group_ids, all_groups, scale, impl=impl)
+            ti_rows, _ = multi_positive_row_loss(text_emb, u_all, group_ids, all_groups, scale, impl=impl)
+            terms["it"], terms["ti"] = it_rows.sum() * (world / num_rows), ti_rows.sum() * (world / num_rows)
+
+    if w_intra > 0:
+        # Rows without an intra-modal positive have row loss 0, so summing all rows sums over |P(i)| > 1.
+        n_intra = _rows_with_intra_positive(all_groups).clamp(min=1).to(dtype)
+        ii_rows, _ = multi_positive_row_loss(image_emb, u_all, group_ids, all_groups, scale, self_offset=offset,
+                                             impl=impl)
+        tt_rows, _ = multi_positive_row_loss(text_emb, t_all, group_ids, all_groups, scale, self_offset=offset,
+                                             impl=impl)
+        terms["ii"], terms["tt"] = ii_rows.sum() * world / n_intra, tt_rows.sum() * world / n_intra
+
+    terms = {k: v.to(dtype) for k, v in terms.items()}
+    loss = w_inter * (terms["it"] + terms["ti"]) / 2 + w_intra * (terms["ii"] + terms["tt"]) / 2
+    return {"loss": loss, **terms}
