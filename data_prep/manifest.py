@@ -1,0 +1,224 @@
+"""Read and validate the two input tables of the shard builder.
+
+ITEMS     columns ``id``, ``caption``, ``image`` (a path relative to --images-root, or inline bytes)
+RELATIONS columns ``id`` (item id), ``group`` (group key), ``type`` (relation type), ``text`` (description)
+
+Each is a Parquet, JSONL or CSV file (chosen by extension) or an in-memory ``pyarrow.Table``; these column
+names are a public interface. Extra columns are ignored. Every rejected record is counted by reason in a
+``SkipReport`` (with the first examples) -- or, in strict mode, raises ``BuildError`` naming the record.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+ITEM_COLUMNS = ("id", "caption", "image")
+RELATION_COLUMNS = ("id", "group", "type", "text")
+
+# Formats the builder accepts as input. JPEG/PNG/WebP are stored as they are; the others are re-encoded
+# to PNG. Anything else (EPS, PDF, ...) is refused: some Pillow plug-ins run external programs.
+STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+CONVERTED_FORMATS = ("GIF", "BMP", "TIFF")
+
+# Why a record is skipped (keys of skip_report.json "counts").
+REASONS = {
+    "missing_id": "ITEMS row with an empty id",
+    "invalid_id": "id contains '.', '/', '\\\\' or whitespace (WebDataset splits keys at the first dot)",
+    "duplicate_id": "a second ITEMS row with an id already seen (the first one is kept)",
+    "empty_caption": "caption is empty",
+    "missing_image": "no image value, or the file does not exist under --images-root",
+    "undecodable_image": "the image does not decode (corrupt, truncated or an unsupported format)",
+    "image_too_large": "more pixels than --max-image-pixels (decompression-bomb guard)",
+    "unknown_item": "RELATIONS row naming an id that is not in ITEMS",
+    "item_skipped": "RELATIONS row of an item that was itself skipped",
+    "empty_relation_field": "RELATIONS row with an empty group, type or text",
+    "duplicate_relation": "RELATIONS row repeating the same (id, group)",
+}
+
+
+class BuildError(ValueError):
+    """A bad input record in strict mode, or an unusable input table; the message says which and where."""
+
+
+@dataclass
+class SkipReport:
+    strict: bool = False
+    max_examples: int = 5
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def skip(self, reason: str, table: str, row: int, record_id: Any, detail: str = "") -> None:
+        if self.strict:
+            raise BuildError(f"{table} row {row} (id {record_id!r}): {reason}" + (f": {detail}" if detail else "")
+                             + f" -- {REASONS.get(reason, '')}. Fix the record, or drop --strict to skip and "
+                               "report such records.")
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < self.max_examples:
+            examples.append({"table": table, "row": row, "id": record_id, "detail": detail})
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "counts": dict(sorted(self.counts.items())),
+                "examples": dict(sorted(self.examples.items())), "reasons": REASONS}
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no record skipped"
+        parts = [f"{reason} {n}" for reason, n in sorted(self.counts.items())]
+        return f"{self.total} record(s) skipped: " + ", ".join(parts)
+
+
+@dataclass(slots=True)
+class ItemRecord:
+    row: int                  # row in ITEMS (0-based), for messages
+    id: str
+    caption: str
+    image: str | bytes        # path relative to images_root, or the encoded image itself
+
+
+# ------------------------------------------------------------------------------------------ tables
+def read_table(source: pa.Table | str | Path, what: str, columns: tuple[str, ...]) -> pa.Table:
+    """Load ITEMS or RELATIONS (``what`` names it in messages) and check the required columns."""
+    if isinstance(source, pa.Table):
+        table = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise BuildError(f"{what}: file {path} does not exist")
+        suffix = path.suffix.lower()
+        if suffix in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        elif suffix in (".jsonl", ".ndjson", ".json"):
+            import pyarrow.json as pj
+
+            table = pj.read_json(path)
+        elif suffix in (".csv", ".tsv"):
+            import pyarrow.csv as pc
+
+            # every column we use is text: keep "007" an id, not the number 7
+            table = pc.read_csv(path, parse_options=pc.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","),
+                                convert_options=pc.ConvertOptions(column_types={c: pa.string() for c in columns}))
+        else:
+            raise BuildError(f"{what}: {path} has extension {suffix!r}; use .parquet, .jsonl or .csv")
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise BuildError(f"{what}: missing column(s) {missing}; expected {list(columns)}, found {table.column_names}")
+    return table.select(list(columns))
+
+
+def _text_column(table: pa.Table, name: str) -> list[Any]:
+    column = table.column(name)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type):
+        return column.to_pylist()
+    if pa.types.is_integer(column.type):
+        return [None if v is None else str(v) for v in column.to_pylist()]
+    raise BuildError(f"column {name!r} has type {column.type}; expected text")
+
+
+def _bad_id(item_id: str) -> bool:
+    return any(ch in item_id for ch in "./\\") or any(ch.isspace() or not ch.isprintable() for ch in item_id)
+
+
+def validate_items(table: pa.Table, report: SkipReport) -> list[ItemRecord]:
+    """ITEMS -> records with a usable id and caption (images are checked when they are loaded)."""
+    ids = _text_column(table, "id")
+    captions = _text_column(table, "caption")
+    images = table.column("image").to_pylist()  # str paths or bytes
+    records, seen = [], set()
+    for row, (item_id, caption, image) in enumerate(zip(ids, captions, images)):
+        if item_id is None or not item_id.strip():
+            report.skip("missing_id", "ITEMS", row, item_id)
+            continue
+        if _bad_id(item_id):
+            report.skip("invalid_id", "ITEMS", row, item_id, "rename the item (e.g. replace '.' by '_')")
+            continue
+        if item_id in seen:
+            report.skip("duplicate_id", "ITEMS", row, item_id)
+            continue
+        seen.add(item_id)
+        if caption is None or not caption.strip():
+            report.skip("empty_caption", "ITEMS", row, item_id)
+            continue
+        if image is None or (isinstance(image, (str, bytes)) and len(image) == 0):
+            report.skip("missing_image", "ITEMS", row, item_id, "no image value")
+            continue
+        records.append(ItemRecord(row=row, id=item_id, caption=caption.strip(), image=image))
+    return records
+
+
+def validate_relations(table: pa.Table, items: dict[str, ItemRecord], all_item_ids: set[str],
+                       report: SkipReport) -> dict[str, list[dict[str, str]]]:
+    """RELATIONS -> {item id: [{"group", "type", "text"}, ...]} in table order (the first is the primary)."""
+    columns = [_text_column(table, c) for c in RELATION_COLUMNS]
+    out: dict[str, list[dict[str, str]]] = {}
+    seen: set[tuple[str, str]] = set()
+    for row, (item_id, group, rtype, text) in enumerate(zip(*columns)):
+        if item_id is None or item_id not in all_item_ids:
+            report.skip("unknown_item", "RELATIONS", row, item_id)
+            continue
+        if item_id not in items:
+            report.skip("item_skipped", "RELATIONS", row, item_id)
+            continue
+        values = [v.strip() if isinstance(v, str) else "" for v in (group, rtype, text)]
+        if not all(values):
+            empty = [n for n, v in zip(("group", "type", "text"), values) if not v]
+            report.skip("empty_relation_field", "RELATIONS", row, item_id, f"empty {', '.join(empty)}")
+            continue
+        if (item_id, values[0]) in seen:
+            report.skip("duplicate_relation", "RELATIONS", row, item_id, f"group {values[0]!r} again")
+            continue
+        seen.add((item_id, values[0]))
+        out.setdefault(item_id, []).append({"group": values[0], "type": values[1], "text": values[2]})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ images
+def load_image(image: str | bytes, images_root: str | Path | None, max_pixels: int) -> tuple[str, bytes]:
+    """Read and fully decode one image -> (extension, bytes to store).
+
+    JPEG/PNG/WebP bytes are stored unchanged (byte-identical shards, no quality loss); GIF/BMP/TIFF are
+    re-encoded to PNG. Raises ValueError(reason, detail) with a reason of ``REASONS``.
+    """
+    from PIL import Image
+
+    if isinstance(image, str):
+        if images_root is None:
+            raise ValueError("missing_image", f"path {image!r} given but no --images-root")
+        path = Path(images_root) / image
+        try:
+            data = path.read_bytes()
+        except OSError as exn:
+            raise ValueError("missing_image", f"{path}: {exn.strerror or exn}") from None
+    else:
+        data = bytes(image)
+    try:
+        with Image.open(io.BytesIO(data), formats=tuple(STORED_FORMATS) + CONVERTED_FORMATS) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ValueError("image_too_large", f"{width}x{height} > {max_pixels} pixels")
+            img.load()
+            if img.format in STORED_FORMATS:
+                return STORED_FORMATS[img.format], data
+            out = io.BytesIO()
+            frame = img.convert("RGBA" if "A" in img.getbands() or "transparency" in img.info else "RGB")
+            frame.save(out, format="PNG")
+            return "png", out.getvalue()
+    except ValueError as exn:
+        if exn.args and exn.args[0] in REASONS:
+            raise
+        raise ValueError("undecodable_image", f"{type(exn).__name__}: {exn}") from None
+    except Image.DecompressionBombError as exn:
+        raise ValueError("image_too_large", str(exn)) from None
+    except Exception as exn:  # Pillow raises many types for bad bytes
+        raise ValueError("undecodable_image", f"{type(exn).__name__}: {exn}") from None

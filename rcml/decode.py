@@ -1,0 +1,287 @@
+"""Safe reading and decoding of untrusted shard samples, with every skipped sample counted by reason.
+
+A shard is untrusted input. Only the members we expect are ever decoded: one image (``jpg``/``jpeg``/
+``png``/``webp``, opened by Pillow restricted to JPEG/PNG/WebP, so no Ghostscript or other plug-in ever
+runs), ``txt`` (strict UTF-8) and ``json`` (``json.loads``). A sample with any other member -- a
+``.pyd``/``.pickle`` that WebDataset's default decoders would unpickle, for instance -- is skipped whole
+as ``unexpected_member`` and its bytes are never interpreted.
+
+Reading is split in two so that resuming can replay a stream cheaply:
+
+- ``iter_tar_samples`` + ``parse_sample`` (the *light* stage, before grouping): tar members -> ``Item``
+  with the caption and relations decoded and the image *header* checked (format, pixel count). This is
+  what the grouping sampler buffers and what a resume replays.
+- ``decode_image`` (the *heavy* stage, after grouping): full pixel decode to RGB.
+
+This module does not import torch: the offline tools in ``data_prep`` use it too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")       # priority order when a sample has several
+TEXT_EXTS = ("txt", "json")
+KNOWN_EXTS = frozenset(IMAGE_EXTS + TEXT_EXTS)
+PIL_FORMATS = ("JPEG", "PNG", "WEBP")              # the only Pillow plug-ins allowed to parse shard bytes
+MAX_MEMBER_BYTES = 256 << 20                       # a member this large is not read (a tar bomb, not an image)
+
+# Reasons a sample is skipped (the keys of SkipCounter.counts; the trainer logs them as skipped_<reason>).
+REASONS = {
+    "truncated_tar": "the tar ends inside this sample (or is not a tar); the sample being read is lost",
+    "duplicate_member": "two members of one sample have the same extension",
+    "member_too_large": "a member larger than MAX_MEMBER_BYTES (not read into memory)",
+    "unexpected_member": "a member other than image/txt/json (e.g. .pyd/.pickle); never decoded",
+    "missing_image": "no jpg/jpeg/png/webp member",
+    "corrupt_image": "the image bytes do not decode as JPEG/PNG/WebP",
+    "image_too_large": "more pixels than the limit (decompression-bomb guard)",
+    "missing_txt": "no txt member (caption)",
+    "non_utf8_txt": "the caption is not valid UTF-8",
+    "empty_txt": "the caption is empty",
+    "missing_json": "no json member (relations)",
+    "invalid_json": "the json member does not parse",
+    "invalid_relations": "json parses but 'relations' is not a list of {group, type, text} strings",
+}
+
+
+class BadSampleError(ValueError):
+    """Strict mode: a sample that would have been skipped. The message names shard, key and reason."""
+
+
+@dataclass
+class SkipCounter:
+    """Counts skipped samples by reason; in strict mode the first one raises ``BadSampleError``."""
+
+    strict: bool = False
+    max_examples: int = 3
+    counts: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, shard: str, key: str, detail: str = "") -> None:
+        where = f"shard {shard}, sample {key!r}" if key else f"shard {shard}"
+        message = f"{where}: {reason}" + (f" ({detail})" if detail else "")
+        if self.strict:
+            raise BadSampleError(f"{message}. Repair or remove the sample, or set data.strict=false to skip "
+                                 "and count bad samples instead.")
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < self.max_examples:
+            examples.append(message)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def since(self, snapshot: dict[str, int]) -> dict[str, int]:
+        """Counts added after ``snapshot`` was taken (only reasons with a positive difference)."""
+        return {k: v - snapshot.get(k, 0) for k, v in self.counts.items() if v > snapshot.get(k, 0)}
+
+
+@dataclass(slots=True)
+class Item:
+    """One sample after the light stage: text decoded, image header checked, pixels not yet decoded."""
+
+    key: str
+    url: str
+    image: bytes                      # encoded image, decoded later by decode_image
+    caption: str
+    relations: list[dict[str, str]]   # [{"group", "type", "text"}], distinct groups, in shard order
+
+
+# ----------------------------------------------------------------------------------------------- tar
+def _open_url(url: str):
+    import webdataset as wds  # gopen: local paths, pipe:, http(s), s3 via pipe, like any WebDataset reader
+
+    return wds.gopen(url, "rb")
+
+
+def _split_name(name: str) -> tuple[str | None, str]:
+    """``dir/key.ext.more`` -> (``dir/key``, ``ext.more``), WebDataset's key rule (first dot of the basename)."""
+    slash = name.rfind("/")
+    dot = name.find(".", slash + 1)
+    if dot <= slash + 1 or dot == len(name) - 1:
+        return None, ""
+    return name[:dot], name[dot + 1:].lower()
+
+
+def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Group consecutive tar members by key: ``{"__key__", "__url__", ext: bytes, ...}``.
+
+    A tar that ends early (an interrupted copy, a bad disk) loses the sample being read when the data
+    stops; that sample is counted as ``truncated_tar`` -- also when the cut falls exactly between two
+    members, which Python's tarfile would otherwise take for a clean end of archive.
+    """
+    stream = _open_url(url)
+    current: dict[str, Any] | None = None
+    try:
+        try:
+            tf = tarfile.open(fileobj=stream, mode="r|*")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exn:
+            counter.skip("truncated_tar", url, "", f"cannot open as a tar: {exn}")
+            return
+        try:
+            for info in tf:
+                if not info.isreg():
+                    continue
+                prefix, ext = _split_name(info.name)
+                basename = info.name.rsplit("/", 1)[-1]
+                if prefix is None or basename.startswith("__"):
+                    continue  # tar-level metadata (``__index__``) or a name without extension: not a sample member
+                if info.size > MAX_MEMBER_BYTES:
+                    data, error = b"", ("member_too_large", f"{info.name}: {info.size} bytes")
+                else:
+                    data, error = tf.extractfile(info).read(), None
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name} is truncated")
+                tf.members = []  # stream mode keeps every TarInfo otherwise: memory grows with the shard
+                if current is not None and prefix != current["__key__"]:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": prefix, "__url__": url}
+                if ext in current:
+                    error = error or ("duplicate_member", f"two .{ext} members")
+                if error is not None:
+                    current.setdefault("__error__", error)
+                current[ext] = data
+            # tarfile stops silently when the data ends exactly at a member boundary; a complete archive
+            # has an end-of-archive block of zeros, which tarfile has read iff it moved past the offset.
+            if tf.fileobj.tell() - tf.offset < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("no end-of-archive marker")
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exn:
+            key = current["__key__"] if current is not None else ""
+            counter.skip("truncated_tar", url, key, str(exn))
+            current = None
+        if current is not None:
+            yield current
+    finally:
+        stream.close()
+
+
+# ------------------------------------------------------------------------------------- light stage
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Parse the image header only (no pixel decode). Raises ValueError with the reason as first arg."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+    except Image.DecompressionBombError as exn:
+        raise ValueError("image_too_large", str(exn)) from None
+    except Exception as exn:  # Pillow raises many types (UnidentifiedImageError, SyntaxError, struct.error...)
+        raise ValueError("corrupt_image", f"{type(exn).__name__}: {exn}") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ValueError("corrupt_image", f"image size {width}x{height}")
+    if width * height > max_pixels:
+        raise ValueError("image_too_large", f"{width}x{height} = {width * height} pixels > limit {max_pixels}")
+    return image
+
+
+def parse_relations(obj: Any) -> list[dict[str, str]] | None:
+    """The ``relations`` list of a sample's json, or None when its shape is wrong. Duplicate groups dropped."""
+    if not isinstance(obj, dict):
+        return None
+    relations = obj.get("relations", [])
+    if not isinstance(relations, list):
+        return None
+    out, seen = [], set()
+    for rel in relations:
+        if not isinstance(rel, dict):
+            return None
+        values = [rel.get(name) for name in ("group", "type", "text")]
+        if not all(isinstance(v, str) and v.strip() for v in values):
+            return None
+        if values[0] not in seen:
+            seen.add(values[0])
+            out.append({"group": values[0], "type": values[1], "text": values[2]})
+    return out
+
+
+def parse_sample(sample: dict[str, Any], counter: SkipCounter, max_pixels: int) -> Item | None:
+    """Light stage: check members, decode caption and relations, check the image header.
+
+    Returns None (after counting the reason) for a bad sample.
+    """
+    key, url = sample["__key__"], sample["__url__"]
+    if "__error__" in sample:
+        counter.skip(sample["__error__"][0], url, key, sample["__error__"][1])
+        return None
+    unexpected = sorted(ext for ext in sample if not ext.startswith("__") and ext not in KNOWN_EXTS)
+    if unexpected:
+        counter.skip("unexpected_member", url, key,
+                     f"member(s) {', '.join('.' + e for e in unexpected)} are not decoded (only image/txt/json)")
+        return None
+    image_ext = next((ext for ext in IMAGE_EXTS if ext in sample), None)
+    if image_ext is None:
+        counter.skip("missing_image", url, key)
+        return None
+    if "txt" not in sample:
+        counter.skip("missing_txt", url, key)
+        return None
+    try:
+        caption = sample["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError as exn:
+        counter.skip("non_utf8_txt", url, key, str(exn))
+        return None
+    if not caption:
+        counter.skip("empty_txt", url, key)
+        return None
+    if "json" not in sample:
+        counter.skip("missing_json", url, key)
+        return None
+    try:
+        meta = json.loads(sample["json"])
+    except (ValueError, RecursionError) as exn:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        counter.skip("invalid_json", url, key, str(exn)[:200])
+        return None
+    relations = parse_relations(meta)
+    if relations is None:
+        counter.skip("invalid_relations", url, key, "expected {'relations': [{'group', 'type', 'text'}, ...]}")
+        return None
+    try:
+        open_image(sample[image_ext], max_pixels)
+    except ValueError as exn:
+        counter.skip(exn.args[0], url, key, exn.args[1])
+        return None
+    return Item(key=key, url=url, image=sample[image_ext], caption=caption, relations=relations)
+
+
+def iter_items(url: str, counter: SkipCounter, max_pixels: int) -> Iterator[Item]:
+    """Light-stage items of one shard, in shard order."""
+    for sample in iter_tar_samples(url, counter):
+        item = parse_sample(sample, counter, max_pixels)
+        if item is not None:
+            yield item
+
+
+# ------------------------------------------------------------------------------------- heavy stage
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparency composited on white (emoji and icons are mostly transparent background)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Full decode to an RGB PIL image. Raises ValueError(reason, detail) like ``open_image``."""
+    image = open_image(data, max_pixels)
+    try:
+        image.load()
+    except Exception as exn:  # truncated or corrupt pixel data behind a valid header
+        raise ValueError("corrupt_image", f"{type(exn).__name__}: {exn}") from None
+    return to_rgb(image)
