@@ -1,0 +1,127 @@
+"""rcml.loss.relation_contrastive_loss in one process: the four terms and all gradients against a naive
+float64 implementation of DESIGN section 6, OpenCLIP's own ClipLoss for singleton groups, weights."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rcml.loss import relation_contrastive_loss
+
+
+def load_open_clip_loss():
+    """open_clip's loss.py by path (importing open_clip itself needs torchvision, which is absent here)."""
+    root = importlib.util.find_spec("open_clip").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("open_clip_loss", os.path.join(root, "loss.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def naive_terms(u, t, g, s):
+    """The four terms of DESIGN section 6 from full N x N matrices and a positive mask (float64 oracle)."""
+    n = u.shape[0]
+    pos = g[:, None] == g[None, :]
+    eye = torch.eye(n, dtype=torch.bool)
+
+    def term(a, b, intra):
+        z = s * a @ b.T  # [N, N]
+        p = pos & ~eye if intra else pos
+        if intra:
+            z = z.masked_fill(eye, float("-inf"))
+        has = p.sum(1) > 0
+        rows = torch.logsumexp(z[has], 1) - torch.where(p[has], z[has], 0).sum(1) / p[has].sum(1)
+        return rows.sum() / (max(int(has.sum()), 1) if intra else n)
+
+    return {"it": term(u, t, False), "ti": term(t, u, False), "ii": term(u, u, True), "tt": term(t, t, True)}
+
+
+def naive_loss(u, t, g, s, w_inter=1.0, w_intra=1.0):
+    terms = naive_terms(u, t, g, s)
+    return {"loss": w_inter * (terms["it"] + terms["ti"]) / 2 + w_intra * (terms["ii"] + terms["tt"]) / 2, **terms}
+
+
+def make_batch(n, d, group_sizes, *, dtype=torch.float64, seed=0):
+    """Unit-norm embeddings, text correlated with image, int64 group ids from a list of group sizes (shuffled)."""
+    assert sum(group_sizes) == n
+    gen = torch.Generator().manual_seed(seed)
+    u = F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    t = F.normalize(u + 0.8 * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    ids = torch.randint(-(2**62), 2**62, (len(group_sizes),), generator=gen)
+    g = torch.cat([ids[i].repeat(k) for i, k in enumerate(group_sizes)])[torch.randperm(n, generator=gen)]
+    s = torch.tensor(12.0 + torch.rand((), generator=gen).item(), dtype=torch.float64)
+    return u.to(dtype), t.to(dtype), g, s
+
+
+def loss_and_grads(fn, u, t, g, s):
+    u, t, s = u.clone().requires_grad_(), t.clone().requires_grad_(), s.clone().requires_grad_()
+    out = fn(u, t, g, s)
+    out["loss"].backward()
+    return {k: v.detach().double() for k, v in out.items()}, (u.grad.double(), t.grad.double(), s.grad.double())
+
+
+def check(got, want, rtol):
+    (vals, grads), (want_vals, want_grads) = got, want
+    for k in want_vals:
+        assert abs(vals[k] - want_vals[k]) <= rtol * max(abs(want_vals[k]), 1e-12), (k, vals[k], want_vals[k])
+    for name, a, b in zip(("d_image", "d_text", "d_scale"), grads, want_grads):
+        err, ref = (a - b).abs().max().item(), b.abs().max().item()
+        assert err <= rtol * ref, f"{name}: {err:.3e} > {rtol:.0e} x {ref:.3e}"
+
+
+# singletons; mixed sizes with singletons (rows without intra positives); one big group
+GROUPINGS = {"singletons": [1] * 23, "mixed": [5, 1, 3, 1, 1, 7, 2, 1, 2], "big": [16, 7]}
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_loss_matches_naive_float64(grouping, impl):
+    u, t, g, s = make_batch(23, 19, GROUPINGS[grouping], seed=len(grouping))
+    want = loss_and_grads(lambda *a: naive_loss(*a, w_inter=0.7, w_intra=1.3), u, t, g, s)
+    got = loss_and_grads(lambda *a: relation_contrastive_loss(*a, w_inter=0.7, w_intra=1.3, impl=impl), u, t, g, s)
+    check(got, want, 1e-11)
+    if grouping == "singletons":
+        assert got[0]["ii"] == 0 and got[0]["tt"] == 0
+
+
+def test_loss_fp32_within_1e6_of_float64():
+    u, t, g, s = make_batch(31, 24, [4, 1, 6, 1, 3, 9, 1, 2, 4], seed=3)
+    want = loss_and_grads(naive_loss, u, t, g, s)
+    got = loss_and_grads(lambda u, t, g, s: relation_contrastive_loss(u, t, g, s.float(), impl="torch"),
+                         u.float(), t.float(), g, s)
+    check(got, want, 1e-6)
+    assert got[0]["loss"].dtype == torch.float64  # (converted by the helper) -- the value itself:
+    assert relation_contrastive_loss(u.float(), t.float(), g, s.float())["loss"].dtype == torch.float32
+
+
+def test_intra_weight_zero_skips_intra_terms():
+    u, t, g, s = make_batch(13, 8, [3, 4, 6], seed=4)
+    out = relation_contrastive_loss(u, t, g, s, w_intra=0.0)
+    full = naive_terms(u, t, g, s)
+    assert out["ii"] == 0 and out["tt"] == 0 and full["ii"] > 0
+    torch.testing.assert_close(out["loss"], (full["it"] + full["ti"]) / 2, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_singletons_without_intra_equal_open_clip_clip_loss(dtype):
+    clip_loss = load_open_clip_loss().ClipLoss()
+    u, t, g, s = make_batch(21, 16, [1] * 21, dtype=dtype, seed=5)
+    s = s.to(dtype)
+    want = loss_and_grads(lambda u, t, g, s: {"loss": clip_loss(u, t, s)}, u, t, g, s)
+    got = loss_and_grads(lambda *a: relation_contrastive_loss(*a, w_intra=0.0, impl="torch"), u, t, g, s)
+    check(({"loss": got[0]["loss"]}, got[1]), want, 1e-12 if dtype == torch.float64 else 1e-6)
+
+
+def test_float_scale_and_clear_errors():
+    u, t, g, s = make_batch(6, 4, [2, 2, 2], seed=6)
+    torch.testing.assert_close(relation_contrastive_loss(u, t, g, float(s))["loss"], naive_loss(u, t, g, s)["loss"])
+    with pytest.raises(ValueError, match="group_ids must be int64"):
+        relation_contrastive_loss(u, t, g.int(), s)
+    with pytest.raises(ValueError, match="image_emb and text_emb"):
+        relation_contrastive_loss(u, t[:, :3], g, s)
+    with pytest.raises(ValueError, match="no rows"):
+        relation_contrastive_loss(u[:0], t[:0], g[:0], s)
+    with pytest.raises(ValueError, match="impl"):
+        relation_contrastive_loss(u, t, g, s, impl="fast")
