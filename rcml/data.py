@@ -1,0 +1,355 @@
+"""Shard URLs -> WebDataset stream -> relation-grouped ``Batch``es, with an exactly resumable position.
+
+One logical DataLoader worker runs this pipeline (DESIGN §2)::
+
+    sources "a::b" (brace-expanded, weights "3::1")
+      per source: shard list (epoch: seeded permutation, split by rank then by worker | resampled: draws)
+                  -> safe tar read + light decode (rcml.decode) -> optional sample shuffle
+      seeded weighted mix of the sources
+      -> RelationGroupingSampler (rcml.sampler): P groups x K rows
+      -> heavy stage: pixel decode + crop/resize + normalize, tokenization, collate -> Batch
+
+The stream of a logical worker is a pure function of (seed, epoch, rank, worker). A DataLoader with W
+workers yields their batches round-robin (round r: worker 0, 1, ..., W-1, skipping workers that have
+run dry), so global batch j of an epoch is determined by the per-worker batch counts. To resume at
+``start_batch=n``, every physical worker replays the light stage and the grouping of all W logical
+streams (tar reading and JSON parsing, no pixel decoding or tokenization) until the n batches are
+accounted for, then plays the logical worker whose turn comes next in its rotation and continues it.
+Cost: reading the part of the epoch this rank has already consumed, in each worker; exact also when
+some workers ran dry before n.
+
+Why the shard split is done here and not with ``wds.split_by_node``/``split_by_worker``: those read the
+rank and the *physical* worker id from the environment; exact resume needs the *logical* worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from rcml.batch import SELF_RELATION_TYPE, Batch, clip_mode_text, group_id
+from rcml.config import DataConfig
+from rcml.decode import SkipCounter, decode_image, iter_items
+from rcml.sampler import SELF_TYPE, RelationGroupingSampler, Row, stream_seed
+
+log = logging.getLogger(__name__)
+assert SELF_TYPE == SELF_RELATION_TYPE
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ------------------------------------------------------------------------------------------ images
+class ImageTransform:
+    """PIL RGB image -> float tensor [3, S, S], CLIP-normalized. One source of truth for train and eval.
+
+    train: random resized crop (area 90-100%, aspect 3/4-4/3, as OpenCLIP) then resize to S x S.
+    eval:  the centred square of the shorter side, resized to S x S (= resize + centre crop).
+    Cropping and resizing are one ``PIL.Image.resize(box=...)`` call.
+    """
+
+    def __init__(self, image_size: int, train: bool, scale: tuple[float, float] = (0.9, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+        self.size, self.train, self.scale, self.ratio = image_size, train, scale, ratio
+
+    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[float, float, float, float]:
+        if self.train:
+            area = width * height
+            for _ in range(10):
+                target = area * rng.uniform(*self.scale)
+                aspect = np.exp(rng.uniform(np.log(self.ratio[0]), np.log(self.ratio[1])))
+                w, h = (target * aspect) ** 0.5, (target / aspect) ** 0.5
+                if w <= width and h <= height:
+                    left, top = rng.uniform(0, width - w), rng.uniform(0, height - h)
+                    return left, top, left + w, top + h
+        side = min(width, height)
+        left, top = (width - side) / 2, (height - side) / 2
+        return left, top, left + side, top + side
+
+    def pixels(self, image: Image.Image, rng: random.Random | None = None) -> np.ndarray:
+        """-> uint8 [S, S, 3] (cropped and resized, not yet normalized)."""
+        box = self.crop_box(image.width, image.height, rng or random)
+        return np.asarray(image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box))
+
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        return normalize(torch.from_numpy(self.pixels(image.convert("RGB"), rng))[None])[0]
+
+
+def image_transform(image_size: int, train: bool) -> ImageTransform:
+    """The evaluator's and the loader's preprocessing: callable PIL.Image -> float tensor [3, S, S]."""
+    return ImageTransform(image_size, train)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, S, S, 3] -> float [N, 3, S, S], CLIP mean/std."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    return x.sub_(mean).div_(std).contiguous()
+
+
+# ----------------------------------------------------------------------------------------- sources
+def parse_sources(urls: str, weights: str = "") -> list[tuple[list[str], float]]:
+    """``"a-{0..9}.tar::b-{0..3}.tar"`` + ``"3::1"`` -> [(shard urls, weight), ...]."""
+    patterns = [p.strip() for p in urls.split("::")]
+    if not all(patterns):
+        raise ValueError(f"data.train: empty source in {urls!r} (sources are joined with '::')")
+    ws = [1.0] * len(patterns)
+    if weights:
+        parts = weights.split("::")
+        if len(parts) != len(patterns):
+            raise ValueError(f"data.weights {weights!r} has {len(parts)} weights for {len(patterns)} sources")
+        try:
+            ws = [float(w) for w in parts]
+        except ValueError:
+            raise ValueError(f"data.weights {weights!r}: weights must be numbers, e.g. '3::1'") from None
+        if any(not w > 0 for w in ws):
+            raise ValueError(f"data.weights {weights!r}: weights must be > 0")
+    return [(list(braceexpand.braceexpand(p)), w) for p, w in zip(patterns, ws)]
+
+
+def iter_samples(urls: str, *, strict: bool = False, counter: SkipCounter | None = None,
+                 max_image_pixels: int = DataConfig.max_image_pixels) -> Iterator[dict[str, Any]]:
+    """Sequential, safe, fully decoded read of shards (no shuffle, no split): for evaluation and tools.
+
+    Yields ``{"key", "image" (PIL RGB), "caption", "relations" ([{"group", "type", "text"}]), "url"}``.
+    """
+    counter = counter if counter is not None else SkipCounter(strict=strict)
+    for shard_urls, _ in parse_sources(urls):
+        for url in shard_urls:
+            for item in iter_items(url, counter, max_image_pixels):
+                try:
+                    image = decode_image(item.image, max_image_pixels)
+                except ValueError as exn:
+                    counter.skip(exn.args[0], item.url, item.key, exn.args[1])
+                    continue
+                yield {"key": item.key, "image": image, "caption": item.caption, "relations": item.relations,
+                       "url": item.url}
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+@dataclass
+class _Plan:
+    """Everything that defines the streams of one rank (picklable: it travels to the workers)."""
+
+    cfg: DataConfig
+    sources: list[tuple[list[str], float]]
+    mode: str
+    rank: int
+    world_size: int
+    seed: int
+    epoch: int
+    train: bool
+
+
+def _shards(plan: _Plan, source: int, urls: list[str], worker: int, num_workers: int):
+    """Shard URLs (as ``{"url": ...}``) of one source for one logical worker."""
+    key = ("shards", plan.seed, plan.epoch, source)
+    if plan.cfg.resampled:
+        reader = plan.rank * num_workers + worker
+        return wds.ResampledShards(urls, seed=stream_seed(*key), worker_seed=lambda: reader, deterministic=True)
+    shuffled = plan.train and plan.cfg.shard_shuffle > 0  # a full seeded permutation per epoch
+    ordered = list(wds.SimpleShardList(urls, seed=stream_seed(*key) if shuffled else None))
+    return ordered[plan.rank::plan.world_size][worker::num_workers]
+
+
+def _mix(streams: list[Iterator], weights: list[float], rng: random.Random) -> Iterator:
+    """Seeded weighted interleave until every source is exhausted (wds.RandomMix uses the global RNG)."""
+    streams, weights = list(streams), list(weights)
+    while streams:
+        i = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
+        try:
+            yield next(streams[i])
+        except StopIteration:
+            del streams[i], weights[i]
+
+
+def _items(plan: _Plan, worker: int, num_workers: int, counter: SkipCounter) -> Iterator:
+    cfg = plan.cfg
+    ident = (plan.seed, plan.epoch, plan.rank, worker)
+
+    def expand(shards):
+        for shard in shards:
+            yield from iter_items(shard["url"], counter, cfg.max_image_pixels)
+
+    streams = []
+    for s, (urls, _) in enumerate(plan.sources):
+        shuffle = None
+        if plan.train and cfg.sample_shuffle > 0:
+            rng = random.Random(stream_seed("samples", *ident, s))
+            shuffle = wds.shuffle(cfg.sample_shuffle, min(cfg.sample_shuffle, 100), rng=rng)
+        shards = _shards(plan, s, urls, worker, num_workers)
+        streams.append(iter(wds.DataPipeline(lambda shards=shards: iter(shards), expand, shuffle)))
+    return _mix(streams, [w for _, w in plan.sources], random.Random(stream_seed("mix", *ident)))
+
+
+def _raw_batches(plan: _Plan, worker: int, num_workers: int) -> Iterator[tuple[list[Row], dict[str, int]]]:
+    """Grouped rows of one logical worker, each with the samples skipped since the previous batch.
+
+    Skips after the last batch are added to the last batch (one batch of lookahead), so none is lost.
+    """
+    cfg = plan.cfg
+    counter = SkipCounter(strict=cfg.strict)
+    sampler = RelationGroupingSampler(cfg.groups_per_batch, cfg.members_per_group, cfg.min_group, cfg.buffer_size,
+                                      cfg.type_weights, seed=plan.seed, epoch=plan.epoch, rank=plan.rank,
+                                      worker=worker)
+    pending, mark = None, {}
+    for rows in sampler(_items(plan, worker, num_workers, counter)):
+        if pending is not None:
+            yield pending
+        pending, mark = (rows, counter.since(mark)), counter.snapshot()
+    if pending is not None:
+        trailing = counter.since(mark)
+        yield pending[0], {k: pending[1].get(k, 0) + trailing.get(k, 0) for k in pending[1].keys() | trailing.keys()}
+    elif counter.counts:
+        log.warning("rank %d worker %d: no batch in epoch %d, %d sample(s) skipped: %s", plan.rank, worker,
+                    plan.epoch, counter.total, counter.counts)
+
+
+def _resume(plan: _Plan, num_workers: int, start_batch: int):
+    """Replay the W logical streams in DataLoader order up to ``start_batch``.
+
+    Returns (logical worker whose batch comes next, batches each worker has produced, the streams),
+    or None when the epoch ended before ``start_batch``.
+    """
+    streams = [_raw_batches(plan, w, num_workers) for w in range(num_workers)]
+    counts, active, produced, last = [0] * num_workers, [True] * num_workers, 0, num_workers - 1
+    while produced < start_batch and any(active):
+        for w in range(num_workers):
+            if produced == start_batch:
+                break
+            if active[w]:
+                if next(streams[w], None) is None:
+                    active[w] = False
+                else:
+                    counts[w], produced, last = counts[w] + 1, produced + 1, w
+    if produced < start_batch:
+        return None
+    return (last + 1) % num_workers, counts, streams
+
+
+class GroupedStream(torch.utils.data.IterableDataset):
+    """The IterableDataset behind ``build_loader``: yields ``Batch``es (batching happens inside)."""
+
+    def __init__(self, plan: _Plan, tokenizer, num_workers: int, start_batch: int = 0) -> None:
+        super().__init__()
+        self.plan, self.tokenizer, self.num_workers, self.start_batch = plan, tokenizer, num_workers, start_batch
+        self.transform = ImageTransform(plan.cfg.image_size, plan.train)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        physical, num = (info.id, info.num_workers) if info is not None else (0, 1)
+        if num != self.num_workers:
+            raise RuntimeError(f"GroupedStream planned for {self.num_workers} workers runs under {num}")
+        if self.start_batch == 0:
+            worker, index, raw = physical, 0, _raw_batches(self.plan, physical, num)
+        else:
+            resumed = _resume(self.plan, num, self.start_batch)
+            if resumed is None:
+                return
+            first, counts, streams = resumed
+            worker = (first + physical) % num
+            index, raw = counts[worker], streams[worker]
+            for w, s in enumerate(streams):
+                if w != worker:
+                    s.close()
+        carry: dict[str, int] = {}
+        for rows, skipped in raw:
+            skipped = _merge(carry, skipped)
+            batch = self.collate(rows, skipped, worker, index)
+            index += 1
+            if batch is None:  # every image of the batch failed to decode: report with the next batch
+                carry = skipped
+                continue
+            carry = {}
+            yield batch
+        if carry:
+            log.warning("rank %d worker %d: the last batch of epoch %d had no decodable image; skipped: %s",
+                        self.plan.rank, worker, self.plan.epoch, carry)
+
+    def collate(self, rows: list[Row], skipped: dict[str, int], worker: int, index: int) -> Batch | None:
+        """Heavy stage: decode + transform images, tokenize, build the Batch (None if no row is left).
+
+        A row whose image fails here (a valid header over corrupt pixel data) is dropped and counted in
+        ``skipped``, which is updated in place and becomes the batch's ``skipped``.
+        """
+        plan, cfg = self.plan, self.plan.cfg
+        rng = random.Random(stream_seed("pixels", plan.seed, plan.epoch, plan.rank, worker, index))
+        pixels, kept = [], []
+        for row in rows:
+            try:
+                image = decode_image(row.item.image, cfg.max_image_pixels)
+            except ValueError as exn:
+                if cfg.strict:  # raises BadSampleError naming shard and key
+                    SkipCounter(strict=True).skip(exn.args[0], row.item.url, row.item.key, exn.args[1])
+                skipped[exn.args[0]] = skipped.get(exn.args[0], 0) + 1
+                continue
+            pixels.append(self.transform.pixels(image, rng))
+            kept.append(row)
+        if not kept:
+            return None
+        rel_index: dict[str, int] = {}
+        row_relation = [rel_index.setdefault(row.text, len(rel_index)) for row in kept]
+        if plan.mode == "clip":
+            texts = [clip_mode_text(row.item.caption, row.text) for row in kept]
+        else:
+            texts = [row.item.caption for row in kept]
+        L = cfg.context_length
+        text_ids, text_mask = self.tokenizer.encode(texts, L)                    # [I, L]
+        relation_ids, relation_mask = self.tokenizer.encode(list(rel_index), L)  # [R, L]
+        n = len(kept)
+        return Batch(
+            images=normalize(torch.from_numpy(np.stack(pixels))),              # [I, 3, S, S]
+            text_ids=text_ids, text_mask=text_mask, relation_ids=relation_ids, relation_mask=relation_mask,
+            row_item=torch.arange(n), row_relation=torch.tensor(row_relation, dtype=torch.long),
+            group_ids=torch.tensor([group_id(row.group) for row in kept], dtype=torch.int64),
+            keys=[row.item.key for row in kept], relation_types=[row.type for row in kept],
+            skipped=skipped, worker=worker, index=index)
+
+
+def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in sorted(a.keys() | b.keys())}
+
+
+def build_loader(cfg: DataConfig, tokenizer, *, mode: str, rank: int, world_size: int, seed: int, epoch: int = 0,
+                 start_batch: int = 0, urls: str | None = None, train: bool = True) -> torch.utils.data.DataLoader:
+    """DataLoader of ``Batch``es for one rank (``batch_size=None``: batches are formed by the sampler).
+
+    ``start_batch=n`` yields exactly batches n, n+1, ... of what an uninterrupted loader with the same
+    arguments yields. ``urls`` overrides ``cfg.train``; ``train=False`` disables shuffles and random crops.
+    """
+    if mode not in ("rcml", "clip"):
+        raise ValueError(f"mode must be 'rcml' or 'clip', got {mode!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if start_batch < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    pattern = urls if urls is not None else cfg.train
+    if not pattern:
+        raise ValueError("no shards: set data.train (e.g. 'data/train/shard-{000000..000009}.tar')")
+    sources = parse_sources(pattern, cfg.weights if urls is None else "")
+    workers = max(cfg.workers, 1)
+    if not cfg.resampled:
+        for s, (shard_urls, _) in enumerate(sources):
+            if world_size * workers > len(shard_urls):
+                raise ValueError(
+                    f"source {s} ({pattern.split('::')[s]}) has {len(shard_urls)} shard(s) but world_size "
+                    f"{world_size} x data.workers {workers} = {world_size * workers} readers each need at least "
+                    "one: lower data.workers, write smaller shards (data_prep.build_shards --shard-size), "
+                    "or set data.resampled=true")
+    plan = _Plan(cfg=cfg, sources=sources, mode=mode, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
+                 train=train)
+    dataset = GroupedStream(plan, tokenizer, workers, start_batch)
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
+                                       pin_memory=torch.cuda.is_available(),
+                                       prefetch_factor=4 if cfg.workers > 0 else None,
+                                       persistent_workers=False)
+

@@ -1,0 +1,207 @@
+"""Relation-grouping sampler: a stream of items -> batches of P relation groups x K members (DESIGN §4).
+
+Runs inside each DataLoader worker, after the light decode stage and before any pixel is decoded:
+
+- items enter a bounded buffer, indexed by every group key they belong to (an item is a candidate for
+  each of its relations);
+- when the buffer is full, one batch of ``P x K`` rows is emitted: up to ``P`` times, pick a relation type
+  (weighted; default uniform over the types that have a ready group), then a ready group of that type
+  (at least ``min_group`` buffered members, not yet used in this batch), and take its ``K`` oldest
+  members as rows ``(item, group key, type, the item's own relation text)``;
+- an emitted item is consumed (it appears in exactly one row). When the groups cannot fill the batch,
+  the oldest buffered items are evicted as *singleton* rows under the ``self`` relation (group
+  ``self:<item key>``, text ``SELF_TEXT``), so no item is ever dropped;
+- at the end of the stream the buffer is drained the same way; only the last batch may be smaller.
+
+Everything is deterministic in (seed, epoch, rank, worker). ``state_dict()`` records the position
+(batches emitted); ``load_state_dict()`` makes the next pass over the *same* input skip exactly those
+batches -- the grouping is replayed, nothing downstream of it is -- so a resumed stream yields exactly
+the batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import random
+from itertools import accumulate, islice
+from typing import Any, Iterable, Iterator, NamedTuple
+
+SELF_TYPE = "self"          # == rcml.batch.SELF_RELATION_TYPE (kept torch-free here; a test checks equality)
+SELF_TEXT = "the same item"  # relation text of a leftover singleton row: neutral, true of every item
+
+
+class Row(NamedTuple):
+    item: Any     # the buffered item (rcml.decode.Item: .key, .relations, ...)
+    group: str    # group key; rows anywhere in the world with the same key are positives
+    type: str     # relation type
+    text: str     # relation text (the item's own wording of this relation)
+
+
+def stream_seed(*parts: Any) -> int:
+    """A 63-bit seed from (seed, epoch, rank, worker, ...): stable across processes and platforms."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def parse_type_weights(spec: str | dict[str, float] | None) -> dict[str, float]:
+    """``"subgroup=2,colour=1"`` -> {"subgroup": 2.0, "colour": 1.0}. Unlisted types keep weight 1."""
+    if not spec:
+        return {}
+    if isinstance(spec, dict):
+        weights = {str(k): float(v) for k, v in spec.items()}
+    else:
+        weights = {}
+        for part in spec.split(","):
+            name, sep, value = part.partition("=")
+            try:
+                weights[name.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"data.type_weights: {part!r} is not TYPE=WEIGHT (e.g. 'subgroup=2,colour=1')") from None
+            if not sep or not name.strip():
+                raise ValueError(f"data.type_weights: {part!r} is not TYPE=WEIGHT (e.g. 'subgroup=2,colour=1')")
+    bad = {k: v for k, v in weights.items() if not v >= 0}
+    if bad:
+        raise ValueError(f"data.type_weights: weights must be >= 0, got {bad}")
+    return weights
+
+
+class _ReadyGroups:
+    """Group keys with enough buffered members, per type; O(1) add, remove and uniform pick."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, list[str]] = {}       # type -> group keys (order is part of the determinism)
+        self.pos: dict[str, int] = {}              # group key -> index in its type's list
+
+    def add(self, rtype: str, group: str) -> None:
+        if group not in self.pos:
+            lst = self.keys.setdefault(rtype, [])
+            self.pos[group] = len(lst)
+            lst.append(group)
+
+    def remove(self, rtype: str, group: str) -> None:
+        i = self.pos.pop(group, None)
+        if i is None:
+            return
+        lst = self.keys[rtype]
+        last = lst.pop()
+        if last != group:  # swap-remove
+            lst[i] = last
+            self.pos[last] = i
+
+    def types(self) -> list[str]:
+        return sorted(t for t, lst in self.keys.items() if lst)
+
+
+class RelationGroupingSampler:
+    def __init__(self, groups_per_batch: int, members_per_group: int, min_group: int = 2, buffer_size: int = 2048,
+                 type_weights: str | dict[str, float] | None = None, *, seed: int = 0, epoch: int = 0,
+                 rank: int = 0, worker: int = 0) -> None:
+        if groups_per_batch < 1 or members_per_group < 1:
+            raise ValueError("groups_per_batch and members_per_group must be >= 1")
+        if not 1 <= min_group <= members_per_group:
+            raise ValueError(f"min_group must be in [1, members_per_group={members_per_group}], got {min_group}")
+        if buffer_size < groups_per_batch * members_per_group:
+            raise ValueError(f"buffer_size {buffer_size} cannot hold one batch of "
+                             f"{groups_per_batch} x {members_per_group} rows")
+        self.P, self.K, self.min_group, self.buffer_size = groups_per_batch, members_per_group, min_group, buffer_size
+        self.weights = parse_type_weights(type_weights)
+        self.identity = {"seed": seed, "epoch": epoch, "rank": rank, "worker": worker}
+        self.stats = {"batches": 0, "rows": 0, "grouped_rows": 0, "singleton_rows": 0}
+        self._resume_at = 0
+
+    # ---------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.identity, **self.stats)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next pass over the same input skips the batches already emitted."""
+        for name, value in self.identity.items():
+            if state.get(name) != value:
+                raise ValueError(f"sampler state is for {name}={state.get(name)!r}, this sampler has {name}={value!r}: "
+                                 "a stream resumes only with the seed, epoch, rank and worker it was saved with")
+        self._resume_at = int(state["batches"])
+
+    # ---------------------------------------------------------------------------------- stream
+    def __call__(self, items: Iterable[Any]) -> Iterator[list[Row]]:
+        """Pipeline stage: items -> batches (lists of ``Row``)."""
+        self._rng = random.Random(stream_seed("sampler", *self.identity.values()))
+        self._buffer: dict[int, Any] = {}                         # seq -> item, oldest first
+        self._item_groups: dict[int, dict[str, tuple[str, str]]] = {}  # seq -> {group: (type, text)}
+        self._members: dict[str, dict[int, None]] = {}           # group -> buffered seqs, oldest first
+        self._group_type: dict[str, str] = {}
+        self._ready = _ReadyGroups()
+        self.stats = dict.fromkeys(self.stats, 0)
+        skip, self._resume_at = self._resume_at, 0
+        for seq, item in enumerate(items):
+            self._push(seq, item)
+            if len(self._buffer) >= self.buffer_size:
+                batch = self._emit()
+                if self.stats["batches"] > skip:
+                    yield batch
+        while self._buffer:
+            batch = self._emit()
+            if self.stats["batches"] > skip:
+                yield batch
+
+    def _push(self, seq: int, item: Any) -> None:
+        self._buffer[seq] = item
+        groups = {rel["group"]: (rel["type"], rel["text"]) for rel in item.relations}
+        self._item_groups[seq] = groups
+        for group, (rtype, _) in groups.items():
+            members = self._members.get(group)
+            if members is None:
+                members = self._members[group] = {}
+                self._group_type[group] = rtype
+            members[seq] = None
+            if len(members) == self.min_group:
+                self._ready.add(self._group_type[group], group)
+
+    def _consume(self, seq: int) -> Any:
+        item = self._buffer.pop(seq)
+        for group in self._item_groups.pop(seq):
+            members = self._members[group]
+            del members[seq]
+            if len(members) < self.min_group:
+                self._ready.remove(self._group_type[group], group)
+            if not members:
+                del self._members[group], self._group_type[group]
+        return item
+
+    def _pick_type(self) -> str | None:
+        types = self._ready.types()
+        weights = [self.weights.get(t, 1.0) for t in types]
+        total = sum(weights)
+        if total <= 0:
+            return None
+        cumulative = list(accumulate(weights))
+        return types[bisect.bisect_right(cumulative, self._rng.random() * total)]
+
+    def _emit(self) -> list[Row]:
+        target = self.P * self.K
+        rows: list[Row] = []
+        used: list[tuple[str, str]] = []
+        while len(used) < self.P and len(rows) < target:
+            rtype = self._pick_type()
+            if rtype is None:
+                break
+            keys = self._ready.keys[rtype]
+            group = keys[self._rng.randrange(len(keys))]
+            self._ready.remove(rtype, group)  # not twice in one batch
+            used.append((rtype, group))
+            take = list(islice(self._members[group], min(self.K, target - len(rows))))
+            for seq in take:
+                _, text = self._item_groups[seq][group]
+                rows.append(Row(self._consume(seq), group, rtype, text))
+        for rtype, group in used:  # groups with enough members left are ready again for the next batch
+            if len(self._members.get(group, ())) >= self.min_group:
+                self._ready.add(rtype, group)
+        grouped = len(rows)
+        while len(rows) < target and self._buffer:  # evict the oldest as singletons
+            item = self._consume(next(iter(self._buffer)))
+            rows.append(Row(item, f"{SELF_TYPE}:{item.key}", SELF_TYPE, SELF_TEXT))
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(rows)
+        self.stats["grouped_rows"] += grouped
+        self.stats["singleton_rows"] += len(rows) - grouped
+        return rows
