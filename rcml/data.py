@@ -80,7 +80,7 @@ class ImageTransform:
         return np.asarray(image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box))
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        return normalize(torch.from_numpy(self.pixels(image.convert("RGB"), rng))[None])[0]
+        return normalize(torch.from_numpy(np.array(self.pixels(image.convert("RGB"), rng)))[None])[0]
 
 
 def image_transform(image_size: int, train: bool) -> ImageTransform:

@@ -138,6 +138,11 @@ def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]
                 basename = info.name.rsplit("/", 1)[-1]
                 if prefix is None or basename.startswith("__"):
                     continue  # tar-level metadata (``__index__``) or a name without extension: not a sample member
+                if current is not None and prefix != current["__key__"]:
+                    yield current
+                    current = None
+                if current is None:  # before reading the data: a cut inside it is charged to this sample
+                    current = {"__key__": prefix, "__url__": url}
                 if info.size > MAX_MEMBER_BYTES:
                     data, error = b"", ("member_too_large", f"{info.name}: {info.size} bytes")
                 else:
@@ -145,11 +150,6 @@ def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]
                     if len(data) != info.size:
                         raise tarfile.ReadError(f"member {info.name} is truncated")
                 tf.members = []  # stream mode keeps every TarInfo otherwise: memory grows with the shard
-                if current is not None and prefix != current["__key__"]:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": prefix, "__url__": url}
                 if ext in current:
                     error = error or ("duplicate_member", f"two .{ext} members")
                 if error is not None:

@@ -181,7 +181,8 @@ class RelationGroupingSampler:
         target = self.P * self.K
         rows: list[Row] = []
         used: list[tuple[str, str]] = []
-        while len(used) < self.P and len(rows) < target:
+        # a group needs room for at least min_group rows: never a lone "positive" squeezed into the end
+        while len(used) < self.P and target - len(rows) >= self.min_group:
             rtype = self._pick_type()
             if rtype is None:
                 break

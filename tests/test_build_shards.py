@@ -1,0 +1,208 @@
+"""Shard builder: table formats, record validation and skip report, strict mode, reproducible shards,
+group locality, manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import braceexpand
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from data_prep.build_shards import build_shards
+from data_prep.manifest import BuildError
+from rcml.data import iter_samples
+from rcml.decode import SkipCounter
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Each bad record below, by the reason it must be reported under.
+EXPECTED_SKIPS = {"duplicate_id": 1, "empty_caption": 1, "missing_image": 2, "undecodable_image": 1, "invalid_id": 1,
+                  "image_too_large": 1, "unknown_item": 1, "item_skipped": 2, "empty_relation_field": 1,
+                  "duplicate_relation": 1}
+MAX_PIXELS = 200 * 200
+
+
+def _image(fmt: str, size=(24, 20), seed=0) -> bytes:
+    img = Image.effect_noise(size, 40 + seed).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_inputs(root: Path, n: int = 31, seed: int = 0, inline: bool = False):
+    """Valid items (JPEG/PNG/GIF) plus one bad record of each kind.
+
+    Images are files under root/images referenced by path (a string column), or inline bytes (a binary
+    column). Returns (ITEMS rows, RELATIONS table, {item id: (caption, [relation dicts])} of valid items).
+    """
+    rng = random.Random(seed)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows, rel = [], {"id": [], "group": [], "type": [], "text": []}
+    valid: dict[str, tuple[str, list[dict]]] = {}
+
+    def image_value(name: str, data: bytes | None):
+        if data is None or inline:
+            return data
+        (images / name).write_bytes(data)
+        return name
+
+    def add_rel(item_id, group, rtype, text):
+        for k, v in zip(("id", "group", "type", "text"), (item_id, group, rtype, text)):
+            rel[k].append(v)
+
+    for i in range(n):
+        item_id, fmt = f"item{i:03d}", ("JPEG", "PNG", "GIF")[i % 3]
+        rows.append({"id": item_id, "caption": f"caption of {item_id}",
+                     "image": image_value(f"{item_id}.{fmt.lower()}", _image(fmt, seed=i))})
+        rels = [{"group": f"g:{rng.randrange(6)}", "type": "kind", "text": f"same kind {i % 4}"}]
+        if i % 4 == 0:
+            rels.append({"group": f"h:{i % 3}", "type": "other", "text": "other relation"})
+        for r in rels:
+            add_rel(item_id, r["group"], r["type"], r["text"])
+        valid[item_id] = (f"caption of {item_id}", rels)
+    bad = [("item003", "a duplicate", _image("PNG")),          # duplicate_id
+           ("nocap", "  ", _image("PNG")),                     # empty_caption
+           ("nofile", "x", None),                              # missing_image (no value)
+           ("corrupt", "x", b"\xff\xd8\xff" + bytes(200)),     # undecodable_image
+           ("bad.id", "x", _image("PNG")),                     # invalid_id
+           ("huge", "x", _image("PNG", size=(300, 300)))]      # image_too_large
+    for item_id, cap, data in bad:
+        rows.append({"id": item_id, "caption": cap, "image": image_value(f"{item_id}.img", data)})
+    if not inline:
+        rows.append({"id": "gone", "caption": "x", "image": "does/not/exist.jpg"})  # missing_image (no file)
+    else:
+        rows.append({"id": "gone", "caption": "x", "image": b""})                   # missing_image (empty)
+    add_rel("ghost", "g:1", "kind", "unknown item")                 # unknown_item
+    add_rel("nocap", "g:1", "kind", "relation of a skipped item")   # item_skipped
+    add_rel("corrupt", "g:1", "kind", "item whose image fails")     # item_skipped (found at image load)
+    add_rel("item001", "g:9", "kind", "")                           # empty_relation_field
+    add_rel("item002", valid["item002"][1][0]["group"], "kind", "again")  # duplicate_relation (same id, group)
+    image_type = pa.binary() if inline else pa.string()
+    items = pa.table({"id": [r["id"] for r in rows], "caption": [r["caption"] for r in rows],
+                      "image": pa.array([r["image"] for r in rows], image_type)})
+    return items, pa.table(rel), valid
+
+
+def check_output(out: Path, manifest: dict, valid: dict) -> None:
+    report = json.loads((out / "skip_report.json").read_text())
+    assert report["counts"] == EXPECTED_SKIPS
+    assert manifest["skipped"] == EXPECTED_SKIPS
+    assert manifest["num_samples"] == len(valid)
+    urls = list(braceexpand.braceexpand(manifest["pattern"]))
+    assert [Path(u).name for u in urls] == [s["name"] for s in manifest["shards"]]
+    for url, entry in zip(urls, manifest["shards"]):
+        data = Path(url).read_bytes()
+        assert entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    counter = SkipCounter()
+    samples = list(iter_samples(manifest["pattern"], counter=counter))
+    assert counter.total == 0
+    got = {s["key"]: (s["caption"], s["relations"]) for s in samples}
+    assert got == valid
+    assert sum(s["samples"] for s in manifest["shards"]) == len(valid)
+    # GIF inputs are re-encoded to PNG; JPEG/PNG are stored byte for byte
+    exts = {m.split(".", 1)[1] for u in urls for m in __import__("tarfile").open(u).getnames()}
+    assert exts == {"jpg", "png", "txt", "json"}
+    n_rel = sum(len(r) for _, r in valid.values())
+    assert manifest["num_relations"] == n_rel
+    assert manifest["relation_types"]["kind"]["relations"] + manifest["relation_types"]["other"]["relations"] == n_rel
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
+def test_builder_from_files_counts_every_bad_record(tmp_path, fmt):
+    items, rels, valid = make_inputs(tmp_path)
+    paths = {}
+    for name, table in (("items", items), ("relations", rels)):
+        path = tmp_path / f"{name}.{fmt}"
+        if fmt == "parquet":
+            pq.write_table(table, path)
+        elif fmt == "csv":
+            pa_csv.write_csv(table, path)
+        else:
+            path.write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+        paths[name] = path
+    out = tmp_path / "shards"
+    manifest = build_shards(paths["items"], paths["relations"], tmp_path / "images", out, shard_size=7, seed=3,
+                            max_image_pixels=MAX_PIXELS, progress=False)
+    assert manifest["num_shards"] == -(-len(valid) // 7)
+    check_output(out, manifest, valid)
+
+
+def test_builder_inline_bytes(tmp_path):
+    items, rels, valid = make_inputs(tmp_path, inline=True)
+    out = tmp_path / "shards"
+    manifest = build_shards(items, rels, None, out, shard_size=10, seed=0, max_image_pixels=MAX_PIXELS, progress=False)
+    check_output(out, manifest, valid)
+
+
+def test_strict_names_the_record(tmp_path):
+    items, rels, _ = make_inputs(tmp_path)
+    with pytest.raises(BuildError, match=r"ITEMS row 31 \(id 'item003'\): duplicate_id"):
+        build_shards(items, rels, tmp_path / "images", tmp_path / "out", strict=True, progress=False)
+    good_items = items.slice(0, 31)
+    with pytest.raises(BuildError, match=r"RELATIONS row \d+ \(id 'ghost'\): unknown_item"):
+        build_shards(good_items, rels, tmp_path / "images", tmp_path / "out", strict=True, progress=False)
+
+
+def test_missing_columns_and_bad_extension(tmp_path):
+    items, rels, _ = make_inputs(tmp_path)
+    with pytest.raises(BuildError, match=r"ITEMS: missing column\(s\) \['caption'\]"):
+        build_shards(items.drop(["caption"]), rels, None, tmp_path / "o", progress=False)
+    bad = tmp_path / "items.xlsx"
+    bad.write_text("x")
+    with pytest.raises(BuildError, match="use .parquet, .jsonl or .csv"):
+        build_shards(bad, rels, None, tmp_path / "o", progress=False)
+
+
+def test_shards_are_byte_identical_and_group_ordered(tmp_path):
+    items, rels, _ = make_inputs(tmp_path, n=61)
+    root = tmp_path / "images"
+    m1 = build_shards(items, rels, root, tmp_path / "a", shard_size=9, seed=5, workers=1,
+                      max_image_pixels=MAX_PIXELS, progress=False)
+    m2 = build_shards(items, rels, root, tmp_path / "b", shard_size=9, seed=5, workers=2,
+                      max_image_pixels=MAX_PIXELS, progress=False)
+    m3 = build_shards(items, rels, root, tmp_path / "c", shard_size=9, seed=6, workers=1,
+                      max_image_pixels=MAX_PIXELS, progress=False)
+    assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
+    assert [s["sha256"] for s in m1["shards"]] != [s["sha256"] for s in m3["shards"]]
+    # group locality: the primary groups (first relation) form contiguous runs in shard order
+    primaries = [s["relations"][0]["group"] for s in iter_samples(m1["pattern"])]
+    runs = [g for i, g in enumerate(primaries) if i == 0 or g != primaries[i - 1]]
+    assert len(runs) == len(set(primaries))
+    # and the group order depends on the seed
+    primaries3 = [s["relations"][0]["group"] for s in iter_samples(m3["pattern"])]
+    assert primaries3 != primaries and sorted(primaries3) == sorted(primaries)
+
+
+def test_rebuild_removes_stale_shards(tmp_path):
+    items, rels, valid = make_inputs(tmp_path)
+    out = tmp_path / "out"
+    build_shards(items, rels, tmp_path / "images", out, shard_size=3, max_image_pixels=MAX_PIXELS, progress=False)
+    m = build_shards(items, rels, tmp_path / "images", out, shard_size=100, max_image_pixels=MAX_PIXELS,
+                     progress=False)
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-000000.tar"] and m["num_shards"] == 1
+
+
+def test_cli(tmp_path):
+    items, rels, valid = make_inputs(tmp_path)
+    pq.write_table(items, tmp_path / "items.parquet")
+    pa_csv.write_csv(rels, tmp_path / "relations.csv")
+    cmd = [sys.executable, "-m", "data_prep.build_shards", "--items", str(tmp_path / "items.parquet"),
+           "--relations", str(tmp_path / "relations.csv"), "--images-root", str(tmp_path / "images"),
+           "--out", str(tmp_path / "out"), "--shard-size", "8", "--max-image-pixels", str(MAX_PIXELS)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {len(valid)} items in 4 shard(s)" in proc.stdout
+    assert "duplicate_id 1" in proc.stdout and "skip_report.json" in proc.stdout
+    proc = subprocess.run(cmd + ["--strict"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "duplicate_id" in proc.stderr and "item003" in proc.stderr

@@ -1,0 +1,193 @@
+"""Bad shard input: each kind is skipped and counted (samples in = samples out + skipped), or raises in
+strict mode naming shard and key; a pickle member is never unpickled."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import random
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import pytest
+
+from data_prep.synthetic import render, sample_attributes
+from rcml.decode import BadSampleError, SkipCounter, iter_items, iter_tar_samples
+from rcml.data import iter_samples
+
+MAX_PIXELS = 64_000_000
+
+
+def good_members(key: str, rng: random.Random) -> list[tuple[str, bytes]]:
+    attrs = sample_attributes(rng)
+    rel = {"group": f"colour:{attrs['colour']}", "type": "colour", "text": f"both are {attrs['colour']}"}
+    return [(f"{key}.jpg", render(attrs, 32, rng)), (f"{key}.txt", f"a {attrs['colour']} {attrs['shape']}".encode()),
+            (f"{key}.json", json.dumps({"id": key, "relations": [rel]}).encode())]
+
+
+def write_tar(path: Path, samples: list[list[tuple[str, bytes]]]) -> list[int]:
+    """Write members in order; returns the tar offset where each sample's first header starts."""
+    starts = []
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        for members in samples:
+            starts.append(tf.offset)
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return starts
+
+
+def bomb_png(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A PNG whose header claims width x height pixels (900 M) with almost no data: a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+class _Evil:
+    """Unpickling this creates the file ``self.path`` (what a malicious shard would do)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def bad_sample(kind: str, key: str, rng: random.Random, marker: Path) -> list[tuple[str, bytes]]:
+    members = dict(good_members(key, rng))
+    if kind == "corrupt_image":
+        members[f"{key}.jpg"] = bytes(rng.randrange(256) for _ in range(500))
+    elif kind == "invalid_json":
+        members[f"{key}.json"] = b'{"id": "x", "relations": [ {"group": '
+    elif kind == "missing_txt":
+        del members[f"{key}.txt"]
+    elif kind == "non_utf8_txt":
+        members[f"{key}.txt"] = b"caf\xe9 \xff\xfe"
+    elif kind == "image_too_large":
+        del members[f"{key}.jpg"]
+        members[f"{key}.png"] = bomb_png()
+    elif kind == "unexpected_member":
+        members[f"{key}.pyd"] = pickle.dumps(_Evil(str(marker)))
+    else:
+        raise AssertionError(kind)
+    return list(members.items())
+
+
+KINDS = ["corrupt_image", "invalid_json", "missing_txt", "non_utf8_txt", "image_too_large", "unexpected_member"]
+
+
+def test_pickle_payload_is_live(tmp_path):
+    """The payload used below really creates a file when unpickled (so 'no file' is meaningful)."""
+    marker = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(_Evil(str(marker))))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_sample_is_counted(tmp_path, kind):
+    rng = random.Random(KINDS.index(kind))
+    marker = tmp_path / "pwned"
+    n_good = 7
+    samples = [good_members(f"good{i:02d}", rng) for i in range(n_good)]
+    bad_positions = [2, n_good + 1]  # one in the middle, one at the very end of the shard
+    for pos in bad_positions:
+        samples.insert(pos, bad_sample(kind, f"bad{pos:02d}", rng, marker))
+    shard = tmp_path / "shard.tar"
+    write_tar(shard, samples)
+
+    counter = SkipCounter()
+    out = list(iter_samples(str(shard), counter=counter))
+    assert len(samples) == len(out) + counter.total
+    assert counter.counts == {kind: len(bad_positions)}
+    assert sorted(s["key"] for s in out) == [f"good{i:02d}" for i in range(n_good)]
+    assert all(s["image"].mode == "RGB" and s["caption"] for s in out)
+    assert str(shard) in counter.examples[kind][0]
+    assert not marker.exists()
+
+    with pytest.raises(BadSampleError, match=rf"{shard}.*bad02.*{kind}"):
+        list(iter_samples(str(shard), strict=True))
+    assert not marker.exists()
+
+
+def test_truncated_tar_mid_sample(tmp_path):
+    rng = random.Random(7)
+    samples = [good_members(f"k{i:02d}", rng) for i in range(6)]
+    full = tmp_path / "full.tar"
+    starts = write_tar(full, samples)
+    data = full.read_bytes()
+    for j, cut in [(3, starts[3] + 700), (5, starts[5] + 512 + 10), (0, starts[0] + 600)]:
+        shard = tmp_path / f"cut{j}.tar"
+        shard.write_bytes(data[:cut])
+        counter = SkipCounter()
+        out = [s["key"] for s in iter_samples(str(shard), counter=counter)]
+        # samples whose reading had begun: j + 1 = j complete ones out + the cut one skipped
+        assert out == [f"k{i:02d}" for i in range(j)]
+        assert counter.counts == {"truncated_tar": 1}
+        with pytest.raises(BadSampleError, match=rf"cut{j}\.tar.*k{j:02d}.*truncated_tar"):
+            list(iter_samples(str(shard), strict=True))
+
+
+def test_truncated_tar_at_member_boundary_is_detected(tmp_path):
+    """tarfile alone takes a cut between two members for a clean end of archive; the reader does not."""
+    rng = random.Random(8)
+    samples = [good_members(f"k{i:02d}", rng) for i in range(5)]
+    full = tmp_path / "full.tar"
+    starts = write_tar(full, samples)
+    shard = tmp_path / "cut.tar"
+    shard.write_bytes(full.read_bytes()[:starts[3]])  # ends right after sample 2's last member
+    plain = [m.name for m in tarfile.open(shard, "r|")]
+    assert len(plain) == 9  # tarfile reads 3 complete samples without complaint
+    counter = SkipCounter()
+    out = [s["key"] for s in iter_samples(str(shard), counter=counter)]
+    assert out == ["k00", "k01"] and counter.counts == {"truncated_tar": 1}  # k02 cannot be known complete
+    # the untouched shard ends cleanly
+    counter = SkipCounter()
+    assert len(list(iter_samples(str(full), counter=counter))) == 5 and counter.total == 0
+
+
+def test_not_a_tar_and_garbage_after_header(tmp_path):
+    shard = tmp_path / "noise.tar"
+    shard.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(3000)))
+    counter = SkipCounter()
+    assert list(iter_samples(str(shard), counter=counter)) == []
+    assert counter.counts == {"truncated_tar": 1}
+
+
+def test_corrupt_pixels_behind_valid_header(tmp_path):
+    """A JPEG cut in half parses (header) but fails at pixel decode: skipped as corrupt_image."""
+    rng = random.Random(9)
+    samples = [good_members(f"k{i}", rng) for i in range(3)]
+    from PIL import Image
+
+    img = Image.effect_noise((64, 64), 60).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    samples[1][0] = ("k1.png", buf.getvalue()[: len(buf.getvalue()) // 2])
+    shard = tmp_path / "s.tar"
+    write_tar(shard, samples)
+    counter = SkipCounter()
+    assert [i.key for i in iter_items(str(shard), SkipCounter(), MAX_PIXELS)] == ["k0", "k1", "k2"]  # header ok
+    assert [s["key"] for s in iter_samples(str(shard), counter=counter)] == ["k0", "k2"]
+    assert counter.counts == {"corrupt_image": 1}
+
+
+def test_members_are_grouped_like_webdataset(tmp_path):
+    rng = random.Random(10)
+    samples = [good_members(f"dir/k{i}", rng) for i in range(3)]
+    samples[1].append(("dir/k1.txt", b"again"))  # duplicate extension
+    samples[2].insert(0, ("__index__", b"tar-level metadata"))
+    shard = tmp_path / "s.tar"
+    write_tar(shard, samples)
+    counter = SkipCounter()
+    raw = list(iter_tar_samples(str(shard), counter))
+    assert [r["__key__"] for r in raw] == ["dir/k0", "dir/k1", "dir/k2"]
+    assert set(raw[0]) == {"__key__", "__url__", "jpg", "txt", "json"}
+    items = [i.key for i in iter_items(str(shard), counter, MAX_PIXELS)]
+    assert items == ["dir/k0", "dir/k2"] and counter.counts == {"duplicate_member": 1}
