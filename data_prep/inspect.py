@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.build_shards import _histogram
-from rcml.decode import SkipCounter, decode_image, iter_items
+from rcml.decode import SkipCounter, iter_items, load_image
 
 
 def _manifest_check(url: str, manifests: dict[Path, dict | None]) -> str | None:
@@ -58,7 +58,7 @@ def inspect_shards(pattern: str, decode: bool = True, max_pixels: int = 64_000_0
             for item in iter_items(url, counter, max_pixels):
                 if decode:
                     try:
-                        image = decode_image(item.image, max_pixels)
+                        image = load_image(item, max_pixels)
                     except ValueError as exn:
                         counter.skip(exn.args[0], item.url, item.key, exn.args[1])
                         continue

@@ -25,6 +25,7 @@ rank and the *physical* worker id from the environment; exact resume needs the *
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -37,7 +38,7 @@ from PIL import Image
 
 from rcml.batch import SELF_RELATION_TYPE, Batch, clip_mode_text, group_id
 from rcml.config import DataConfig
-from rcml.decode import SkipCounter, decode_image, iter_items
+from rcml.decode import SkipCounter, iter_items, load_image
 from rcml.sampler import SELF_TYPE, RelationGroupingSampler, Row, stream_seed
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,10 @@ class ImageTransform:
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[float, float, float, float]:
         if self.train:
             area = width * height
+            log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
             for _ in range(10):
                 target = area * rng.uniform(*self.scale)
-                aspect = np.exp(rng.uniform(np.log(self.ratio[0]), np.log(self.ratio[1])))
+                aspect = math.exp(rng.uniform(*log_ratio))
                 w, h = (target * aspect) ** 0.5, (target / aspect) ** 0.5
                 if w <= width and h <= height:
                     left, top = rng.uniform(0, width - w), rng.uniform(0, height - h)
@@ -127,7 +129,7 @@ def iter_samples(urls: str, *, strict: bool = False, counter: SkipCounter | None
         for url in shard_urls:
             for item in iter_items(url, counter, max_image_pixels):
                 try:
-                    image = decode_image(item.image, max_image_pixels)
+                    image = load_image(item, max_image_pixels)
                 except ValueError as exn:
                     counter.skip(exn.args[0], item.url, item.key, exn.args[1])
                     continue
@@ -243,6 +245,19 @@ class GroupedStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.plan, self.tokenizer, self.num_workers, self.start_batch = plan, tokenizer, num_workers, start_batch
         self.transform = ImageTransform(plan.cfg.image_size, plan.train)
+        self._relation_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def encode_relations(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Relation texts repeat across batches (one text per group and template): encode each once."""
+        cache, L = self._relation_cache, self.plan.cfg.context_length
+        missing = [t for t in texts if t not in cache]
+        if missing:
+            if len(cache) + len(missing) > 100_000:  # bounded: real datasets can have many distinct texts
+                cache.clear()
+            ids, mask = self.tokenizer.encode(missing, L)
+            cache.update(zip(missing, zip(ids, mask)))
+        rows = [cache[t] for t in texts]
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])  # [R, L] each
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -286,7 +301,7 @@ class GroupedStream(torch.utils.data.IterableDataset):
         pixels, kept = [], []
         for row in rows:
             try:
-                image = decode_image(row.item.image, cfg.max_image_pixels)
+                image = load_image(row.item, cfg.max_image_pixels)
             except ValueError as exn:
                 if cfg.strict:  # raises BadSampleError naming shard and key
                     SkipCounter(strict=True).skip(exn.args[0], row.item.url, row.item.key, exn.args[1])
@@ -304,7 +319,7 @@ class GroupedStream(torch.utils.data.IterableDataset):
             texts = [row.item.caption for row in kept]
         L = cfg.context_length
         text_ids, text_mask = self.tokenizer.encode(texts, L)                    # [I, L]
-        relation_ids, relation_mask = self.tokenizer.encode(list(rel_index), L)  # [R, L]
+        relation_ids, relation_mask = self.encode_relations(list(rel_index))     # [R, L]
         n = len(kept)
         return Batch(
             images=normalize(torch.from_numpy(np.stack(pixels))),              # [I, 3, S, S]

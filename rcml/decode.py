@@ -11,7 +11,7 @@ Reading is split in two so that resuming can replay a stream cheaply:
 - ``iter_tar_samples`` + ``parse_sample`` (the *light* stage, before grouping): tar members -> ``Item``
   with the caption and relations decoded and the image *header* checked (format, pixel count). This is
   what the grouping sampler buffers and what a resume replays.
-- ``decode_image`` (the *heavy* stage, after grouping): full pixel decode to RGB.
+- ``load_image`` (the *heavy* stage, after grouping): full pixel decode to RGB, reusing the parsed header.
 
 This module does not import torch: the offline tools in ``data_prep`` use it too.
 """
@@ -94,9 +94,10 @@ class Item:
 
     key: str
     url: str
-    image: bytes                      # encoded image, decoded later by decode_image
+    image: bytes                      # encoded image, decoded later by load_image
     caption: str
     relations: list[dict[str, str]]   # [{"group", "type", "text"}], distinct groups, in shard order
+    opened: Image.Image | None = None  # the header parsed by the light stage, reused by load_image
 
 
 # ----------------------------------------------------------------------------------------------- tar
@@ -197,14 +198,15 @@ def parse_relations(obj: Any) -> list[dict[str, str]] | None:
         return None
     out, seen = [], set()
     for rel in relations:
-        if not isinstance(rel, dict):
+        if type(rel) is not dict:
             return None
-        values = [rel.get(name) for name in ("group", "type", "text")]
-        if not all(isinstance(v, str) and v.strip() for v in values):
+        group, rtype, text = rel.get("group"), rel.get("type"), rel.get("text")
+        if not (type(group) is str and type(rtype) is str and type(text) is str
+                and group.strip() and rtype.strip() and text.strip()):
             return None
-        if values[0] not in seen:
-            seen.add(values[0])
-            out.append({"group": values[0], "type": values[1], "text": values[2]})
+        if group not in seen:
+            seen.add(group)
+            out.append(rel if len(rel) == 3 else {"group": group, "type": rtype, "text": text})
     return out
 
 
@@ -250,11 +252,11 @@ def parse_sample(sample: dict[str, Any], counter: SkipCounter, max_pixels: int) 
         counter.skip("invalid_relations", url, key, "expected {'relations': [{'group', 'type', 'text'}, ...]}")
         return None
     try:
-        open_image(sample[image_ext], max_pixels)
+        opened = open_image(sample[image_ext], max_pixels)
     except ValueError as exn:
         counter.skip(exn.args[0], url, key, exn.args[1])
         return None
-    return Item(key=key, url=url, image=sample[image_ext], caption=caption, relations=relations)
+    return Item(key=key, url=url, image=sample[image_ext], caption=caption, relations=relations, opened=opened)
 
 
 def iter_items(url: str, counter: SkipCounter, max_pixels: int) -> Iterator[Item]:
@@ -277,11 +279,20 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Full decode to an RGB PIL image. Raises ValueError(reason, detail) like ``open_image``."""
-    image = open_image(data, max_pixels)
+def decode_image(data: bytes, max_pixels: int, opened: Image.Image | None = None) -> Image.Image:
+    """Full decode to an RGB PIL image. Raises ValueError(reason, detail) like ``open_image``.
+
+    ``opened``: the not-yet-loaded image of ``open_image(data)``, to skip parsing the header again.
+    """
+    image = opened if opened is not None else open_image(data, max_pixels)
     try:
         image.load()
     except Exception as exn:  # truncated or corrupt pixel data behind a valid header
         raise ValueError("corrupt_image", f"{type(exn).__name__}: {exn}") from None
     return to_rgb(image)
+
+
+def load_image(item: Item, max_pixels: int) -> Image.Image:
+    """Heavy stage for one item: decode its pixels (once; the parsed header is released)."""
+    opened, item.opened = item.opened, None
+    return decode_image(item.image, max_pixels, opened)

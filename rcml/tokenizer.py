@@ -33,6 +33,7 @@ class TextTokenizer:
             raise ValueError(f"tokenizer has {PAD} at id {ids[PAD]}, expected 0")
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = (ids[n] for n in SPECIAL_TOKENS)
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self._fast = hasattr(tokenizer, "encode_batch_fast")  # tokenizers >= 0.21
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TextTokenizer":
@@ -52,7 +53,9 @@ class TextTokenizer:
         n, body = len(texts), context_length - 2
         ids = np.full((n, context_length), self.pad_id, dtype=np.int64)  # [n, L]
         lengths = np.empty(n, dtype=np.int64)
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False) if n else []
+        # encode_batch_fast skips character offsets (unused here): ~2.5x faster than encode_batch
+        encode_batch = self._tok.encode_batch_fast if self._fast else self._tok.encode_batch
+        encodings = encode_batch(list(texts), add_special_tokens=False) if n else []
         for row, enc in enumerate(encodings):
             tokens = enc.ids[:body]
             ids[row, 0] = self.bos_id
