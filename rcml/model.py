@@ -1,0 +1,235 @@
+"""RCMLModel: CLIP towers (transformers), relation attention pooling per modality, beta mix.
+
+For a row (item i, relation r)::
+
+    r_emb   = text_projection(text tower(relation text r) at its eos)      the relation tower IS the text tower
+    global  = visual_projection(CLS of image i)  |  text_projection(eos state of caption i)
+    pooled  = RelationPooling_m(tokens of item i, query from r_emb)         (rcml/model_pooling.py)
+    e       = normalize(beta * global + (1 - beta) * pooled)
+
+With beta = 1, or in the ``clip`` baseline mode (beta forced to 1, relation text joined to the caption
+by the data pipeline), the model is exactly CLIP and has no pooling modules at all.
+
+The architecture is fully described by ``RCMLModel.spec`` (a JSON-serializable dict: tower configs,
+joint width, pool heads, mode, beta, tokenizer ids, context length, image size); ``from_spec`` rebuilds
+it with random weights, ``build_model`` makes the spec from a ``ModelConfig`` and loads local
+pretrained towers when ``model.vision_path`` / ``model.text_path`` are set.
+
+ZeRO-3: every parameter is created and initialized in a module constructor (the model is built under
+``deepspeed.zero.Init``), and parameters are only read by calling their modules, or in ``forward``
+for ``logit_scale`` (exp'd and clamped there, never modified in place).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+
+from rcml import model_towers
+from rcml.batch import Batch
+from rcml.config import ModelConfig
+from rcml.model_pooling import ItemFeatures, RelationPooling
+
+SPEC_FORMAT = "rcml-model/1"
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = 100.0
+
+
+class RCMLModel(nn.Module):
+    """Build with ``build_model(cfg, ...)`` or ``RCMLModel.from_spec(spec)``; ``impl`` picks the pooling op's face."""
+
+    def __init__(self, spec: dict[str, Any], *, impl: str = "auto") -> None:
+        super().__init__()
+        _check_spec(spec)
+        self._spec = copy.deepcopy(spec)
+        self.impl = impl
+        self.mode, self.beta = spec["mode"], float(spec["beta"])
+        self.eos_id = int(spec["tokenizer"]["eos_id"])
+        dim = int(spec["embed_dim"])
+        self.vision = model_towers.build_tower(CLIPVisionModel, CLIPVisionConfig.from_dict(spec["vision_config"]))
+        self.text = model_towers.build_tower(CLIPTextModel, CLIPTextConfig.from_dict(spec["text_config"]))
+        vision_width, text_width = self.vision.config.hidden_size, self.text.config.hidden_size
+        self.visual_projection = nn.Linear(vision_width, dim, bias=False)
+        self.text_projection = nn.Linear(text_width, dim, bias=False)
+        # Shape [1], not 0-d: deepspeed.zero.Init cannot broadcast 0-d parameters.
+        self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
+        # Pooling modules exist only when used, so that every parameter gets a gradient (DeepSpeed) and a
+        # clip / beta = 1 model cannot depend on them.
+        self.image_pool = self.text_pool = None
+        if self.uses_pooling:
+            self.image_pool = RelationPooling(vision_width, dim, int(spec["pool_heads"]))
+            self.text_pool = RelationPooling(text_width, dim, int(spec["pool_heads"]))
+
+    # ------------------------------------------------------------------ construction
+    @property
+    def spec(self) -> dict[str, Any]:
+        """JSON-serializable description of the architecture; ``from_spec(spec)`` rebuilds it."""
+        return copy.deepcopy(self._spec)
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any], *, impl: str = "auto") -> "RCMLModel":
+        """Random-init model of the architecture ``spec`` (load weights with ``load_state_dict``)."""
+        return cls(spec, impl=impl)
+
+    @property
+    def uses_pooling(self) -> bool:
+        return self.mode == "rcml" and self.beta < 1.0
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self._spec["embed_dim"])
+
+    # ------------------------------------------------------------------ towers
+    def image_features(self, images: torch.Tensor) -> ItemFeatures:
+        """images [I, 3, S, S] -> ItemFeatures (global [I, D]; keys/values over CLS + patch tokens)."""
+        out = self.vision(pixel_values=images)
+        global_emb = self.visual_projection(out.pooler_output)  # [I, D] post-layernorm CLS
+        if not self.uses_pooling:
+            return ItemFeatures(global_emb)
+        tokens = out.last_hidden_state  # [I, 1 + patches, W]
+        keys, values = self.image_pool.keys_values(tokens)
+        valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return ItemFeatures(global_emb, keys, values, valid)
+
+    def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> ItemFeatures:
+        """ids, mask [I, L] -> ItemFeatures (global [I, D] at the eos; keys/values over the real tokens)."""
+        global_emb, hidden = self._text_tower(ids, mask)
+        if not self.uses_pooling:
+            return ItemFeatures(global_emb)
+        keys, values = self.text_pool.keys_values(hidden)
+        return ItemFeatures(global_emb, keys, values, mask.bool())
+
+    def _text_tower(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (projected eos embedding [N, D], token states [N, L, W]).
+
+        Pools at the first eos itself: CLIPTextModel's pooler_output takes the arg-max token id instead
+        whenever eos_token_id == 2 (a legacy rule), which is exactly our tokenizer's eos id.
+        """
+        if ids.shape != mask.shape or ids.dim() != 2:
+            raise ValueError(f"text ids and mask must both be [N, L], got {tuple(ids.shape)} and {tuple(mask.shape)}")
+        is_eos = ids == self.eos_id  # [N, L]
+        if ids.shape[0] and not bool(is_eos.any(1).all()):
+            bad = (~is_eos.any(1)).nonzero().flatten()[:5].tolist()
+            raise ValueError(f"text rows {bad} have no eos token (id {self.eos_id}); encode texts with "
+                             "rcml.tokenizer.TextTokenizer.encode, which always ends a text with eos")
+        hidden = self.text(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # [N, L, W]
+        eos_pos = is_eos.int().argmax(1)  # first eos
+        eos_state = hidden[torch.arange(ids.shape[0], device=ids.device), eos_pos]  # [N, W]
+        return self.text_projection(eos_state), hidden
+
+    def encode_relations(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Relation texts [R, L] -> relation embeddings [R, D] (the text tower's projected eos state)."""
+        return self._text_tower(ids, mask)[0]
+
+    # ------------------------------------------------------------------ pooling + mix
+    def pool_images(self, features: ItemFeatures, relation_emb: torch.Tensor | None, row_item: torch.Tensor,
+                    row_relation: torch.Tensor) -> torch.Tensor:
+        """Unit-norm image embedding of each row (item ``row_item[b]`` under relation ``row_relation[b]``): [B, D].
+
+        ``features`` from ``image_features``; ``relation_emb`` [R, D] from ``encode_relations`` (unused,
+        may be None, when the model does not pool).
+        """
+        return self._mix(features, self.image_pool, relation_emb, row_item, row_relation)
+
+    def pool_texts(self, features: ItemFeatures, relation_emb: torch.Tensor | None, row_item: torch.Tensor,
+                   row_relation: torch.Tensor) -> torch.Tensor:
+        """Like ``pool_images`` for ``text_features``: [B, D] unit norm."""
+        return self._mix(features, self.text_pool, relation_emb, row_item, row_relation)
+
+    def _mix(self, features: ItemFeatures, pool: RelationPooling | None, relation_emb, row_item, row_relation):
+        global_rows = features.global_emb[row_item]  # [B, D]
+        if not self.uses_pooling:
+            return F.normalize(global_rows.float(), dim=-1)
+        if relation_emb is None:
+            raise ValueError("this model pools under relations: pass relation_emb from encode_relations")
+        pooled = pool.pool(features, relation_emb, row_item, row_relation, impl=self.impl)  # [B, D]
+        # Mix and normalize in fp32: the loss compares these at scale up to 100.
+        return F.normalize(self.beta * global_rows.float() + (1.0 - self.beta) * pooled.float(), dim=-1)
+
+    def encode_images(self, images: torch.Tensor, relation_emb: torch.Tensor | None, row_item: torch.Tensor,
+                      row_relation: torch.Tensor) -> torch.Tensor:
+        """images [I, 3, S, S], relation_emb [R, D], rows [B] -> unit-norm image embeddings [B, D] (fp32)."""
+        return self.pool_images(self.image_features(images), relation_emb, row_item, row_relation)
+
+    def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor, relation_emb: torch.Tensor | None,
+                     row_item: torch.Tensor, row_relation: torch.Tensor) -> torch.Tensor:
+        """ids, mask [I, L], relation_emb [R, D], rows [B] -> unit-norm text embeddings [B, D] (fp32)."""
+        return self.pool_texts(self.text_features(ids, mask), relation_emb, row_item, row_relation)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """-> {"image_emb" [B, D], "text_emb" [B, D] (unit norm, fp32), "logit_scale" (exp'd, clamped at 100)}."""
+        relation_emb = None
+        if self.uses_pooling and batch.relation_ids.shape[1] == batch.text_ids.shape[1]:
+            # Captions and relation texts in one text-tower call: one parameter gather under ZeRO-3, not two.
+            n = batch.text_ids.shape[0]
+            global_emb, hidden = self._text_tower(torch.cat([batch.text_ids, batch.relation_ids]),
+                                                  torch.cat([batch.text_mask, batch.relation_mask]))
+            relation_emb = global_emb[n:]
+            keys, values = self.text_pool.keys_values(hidden[:n])
+            text = ItemFeatures(global_emb[:n], keys, values, batch.text_mask.bool())
+        else:
+            if self.uses_pooling:
+                relation_emb = self.encode_relations(batch.relation_ids, batch.relation_mask)
+            text = self.text_features(batch.text_ids, batch.text_mask)
+        image_emb = self.encode_images(batch.images, relation_emb, batch.row_item, batch.row_relation)
+        text_emb = self.pool_texts(text, relation_emb, batch.row_item, batch.row_relation)
+        return {"image_emb": image_emb, "text_emb": text_emb,
+                "logit_scale": self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX).reshape(())}
+
+
+def _check_spec(spec: dict[str, Any]) -> None:
+    if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:
+        raise ValueError(f"not an RCML model spec (format {spec.get('format') if isinstance(spec, dict) else None!r}, "
+                         f"expected {SPEC_FORMAT!r}); specs are written by RCMLModel.spec / build_model")
+    missing = {"mode", "beta", "embed_dim", "pool_heads", "vision_config", "text_config", "tokenizer"} - spec.keys()
+    if missing:
+        raise ValueError(f"model spec lacks {sorted(missing)}")
+    if spec["mode"] not in ("rcml", "clip") or not 0.0 <= float(spec["beta"]) <= 1.0:
+        raise ValueError(f"model spec: mode must be rcml|clip and beta in [0, 1], got {spec['mode']!r}, {spec['beta']}")
+
+
+def build_model(cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id: int, eos_id: int, context_length: int,
+                image_size: int, impl: str = "auto") -> RCMLModel:
+    """ModelConfig + tokenizer ids + data sizes -> RCMLModel (random init, or local pretrained towers).
+
+    ``cfg.name``: ``tiny`` | ``base`` | path to a size JSON (configs/model/). With ``cfg.vision_path`` /
+    ``cfg.text_path`` the tower configs come from those transformers directories (CLIPVisionModel /
+    CLIPTextModel, or a full CLIPModel, whose projections and logit scale are loaded too) and the size
+    JSON only gives embed_dim and pool_heads. Call it inside ``deepspeed.zero.Init`` for ZeRO-3.
+    """
+    size = model_towers.load_size(cfg.name)
+    tok = dict(vocab_size=vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
+    if not all(0 <= i < vocab_size for i in (pad_id, bos_id, eos_id)):
+        raise ValueError(f"special token ids {tok} must lie inside the vocabulary")
+    vision = (model_towers.pretrained_vision_config(cfg.vision_path, image_size) if cfg.vision_path
+              else model_towers.vision_config(size, image_size))
+    text = (model_towers.pretrained_text_config(cfg.text_path, context_length=context_length, **tok) if cfg.text_path
+            else model_towers.text_config(size, context_length=context_length, **tok))
+    spec = {
+        "format": SPEC_FORMAT,
+        "name": cfg.name,
+        "mode": cfg.mode,
+        "beta": 1.0 if cfg.mode == "clip" else float(cfg.beta),
+        "embed_dim": int(size["embed_dim"]),
+        "pool_heads": int(size["pool_heads"]),
+        "image_size": int(image_size),
+        "context_length": int(context_length),
+        "tokenizer": tok,
+        "vision_config": vision.to_dict(),
+        "text_config": text.to_dict(),
+    }
+    model = RCMLModel(spec, impl=impl)
+    if cfg.vision_path:
+        model_towers.load_pretrained(cfg.vision_path, model.vision, ("vision_model.", ""),
+                                     {"visual_projection.weight": model.visual_projection.weight,
+                                      "logit_scale": model.logit_scale})
+    if cfg.text_path:
+        model_towers.load_pretrained(cfg.text_path, model.text, ("text_model.", ""),
+                                     {"text_projection.weight": model.text_projection.weight})
+    return model

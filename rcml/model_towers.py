@@ -1,0 +1,186 @@
+"""Model sizes (OpenCLIP-style JSONs), transformers CLIP tower configs, and local pretrained weights.
+
+A size JSON (``configs/model/<name>.json`` or any path)::
+
+    {"embed_dim": 512, "pool_heads": 8,
+     "vision": {"image_size": 224, "patch_size": 32, "width": 768, "layers": 12, "heads": 12, "mlp_ratio": 4},
+     "text": {"width": 512, "layers": 12, "heads": 8, "mlp_ratio": 4}}
+
+``vision.image_size`` is the size the model was designed for; the tower is built for the data's image
+size (``data.image_size``), which must be a multiple of the patch size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CLIPTextConfig, CLIPVisionConfig
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
+_TOWER_KEYS = {"width", "layers", "heads", "mlp_ratio"}
+
+
+def load_size(name: str) -> dict[str, Any]:
+    """``tiny`` / ``base`` / a path to a size JSON -> validated dict (see the module docstring)."""
+    path = Path(name)
+    if not (name.endswith(".json") or path.is_file()):
+        path = MODEL_CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+        raise FileNotFoundError(f"model.name={name!r}: no model config {path}; use one of {known} or a path to a "
+                                "JSON with embed_dim, pool_heads, vision {...} and text {...}")
+    try:
+        size = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model config {path} is not valid JSON: {e}") from None
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ValueError(f"model config {path}: {msg}")
+
+    need(isinstance(size, dict) and {"embed_dim", "pool_heads", "vision", "text"} <= size.keys(),
+         "needs the keys embed_dim, pool_heads, vision, text")
+    need(size["embed_dim"] % size["pool_heads"] == 0,
+         f"embed_dim {size['embed_dim']} must be a multiple of pool_heads {size['pool_heads']}")
+    for tower, extra in (("vision", {"image_size", "patch_size"}), ("text", set())):
+        missing = (_TOWER_KEYS | extra) - set(size[tower])
+        need(not missing, f"{tower} lacks {sorted(missing)}")
+        need(size[tower]["width"] % size[tower]["heads"] == 0,
+             f"{tower}.width {size[tower]['width']} must be a multiple of {tower}.heads {size[tower]['heads']}")
+    return size
+
+
+def vision_config(size: dict[str, Any], image_size: int) -> CLIPVisionConfig:
+    v = size["vision"]
+    if image_size % v["patch_size"]:
+        raise ValueError(f"data.image_size={image_size} is not a multiple of the model's patch size {v['patch_size']}")
+    return CLIPVisionConfig(hidden_size=v["width"], intermediate_size=int(v["width"] * v["mlp_ratio"]),
+                            num_hidden_layers=v["layers"], num_attention_heads=v["heads"], image_size=image_size,
+                            patch_size=v["patch_size"], projection_dim=size["embed_dim"], hidden_act="gelu")
+
+
+def text_config(size: dict[str, Any], *, vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
+                context_length: int) -> CLIPTextConfig:
+    t = size["text"]
+    # The special ids must lie inside the vocabulary (else CLIP's own pooling silently reads token 0).
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=t["width"], intermediate_size=int(t["width"] * t["mlp_ratio"]),
+                          num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
+                          max_position_embeddings=context_length, projection_dim=size["embed_dim"], hidden_act="gelu",
+                          pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id)
+
+
+def build_tower(cls: type[nn.Module], config) -> nn.Module:
+    """A transformers tower (``CLIPVisionModel`` / ``CLIPTextModel``) with transformers' own weight init.
+
+    Under ``deepspeed.zero.Init`` each submodule is partitioned as its constructor returns, so the
+    tower's ``post_init`` would initialize empty shards and leave torch's defaults (N(0, 1)
+    embeddings). There the tower is built the way transformers' ``from_config`` builds it under
+    ZeRO-3: without init, then ``initialize_weights_zero3`` (gathers one module at a time, initializes
+    on rank 0, broadcasts). Called from ``RCMLModel.__init__``, so init stays inside the constructor.
+    """
+    if not _zero_init_active():
+        return cls(config)
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import initialize_weights_zero3
+
+    with no_init_weights():
+        tower = cls(config)
+    initialize_weights_zero3(tower)
+    return tower
+
+
+def _zero_init_active() -> bool:
+    import sys
+
+    if "deepspeed" not in sys.modules:  # zero.Init cannot be active without deepspeed imported
+        return False
+    from deepspeed.runtime.zero import partition_parameters
+
+    return partition_parameters.zero_init_context > 0
+
+
+def pretrained_vision_config(path: str, image_size: int) -> CLIPVisionConfig:
+    """The vision config of a local CLIPVisionModel or CLIPModel directory, checked against the data."""
+    cfg = CLIPVisionConfig.from_pretrained(path)
+    if cfg.image_size != image_size:
+        raise ValueError(f"model.vision_path={path} was trained at {cfg.image_size} px but data.image_size="
+                         f"{image_size}; set data.image_size={cfg.image_size}")
+    return cfg
+
+
+def pretrained_text_config(path: str, *, vocab_size: int, pad_id: int, bos_id: int, eos_id: int,
+                           context_length: int) -> CLIPTextConfig:
+    """The text config of a local CLIPTextModel or CLIPModel directory, checked against the tokenizer."""
+    cfg = CLIPTextConfig.from_pretrained(path)
+    if cfg.vocab_size < vocab_size:
+        raise ValueError(f"model.text_path={path} has a vocabulary of {cfg.vocab_size} tokens but the tokenizer has "
+                         f"{vocab_size}; use the tokenizer the text tower was trained with")
+    if cfg.max_position_embeddings < context_length:
+        raise ValueError(f"model.text_path={path} has {cfg.max_position_embeddings} positions but data.context_length="
+                         f"{context_length}; lower data.context_length")
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = pad_id, bos_id, eos_id
+    return cfg
+
+
+def _weights_file(path: str) -> Path:
+    file = Path(path) / "model.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: expected a transformers directory with model.safetensors "
+                                "(save it with save_pretrained(..., safe_serialization=True))")
+    return file
+
+
+def load_pretrained(path: str, tower: nn.Module, prefixes: tuple[str, ...],
+                    optional: dict[str, nn.Parameter]) -> None:
+    """Copy ``path/model.safetensors`` into ``tower`` and the ``optional`` parameters ({key: parameter}).
+
+    The tower's tensors are looked up under the first of ``prefixes`` that holds all of them
+    (``text_model.`` in a CLIPModel or an older checkpoint, none in a transformers 5 tower); missing
+    tensors are an error. An optional key the checkpoint lacks (the projection of a tower-only
+    checkpoint) keeps its random init, with a warning. Any shape mismatch is an error. Parameters
+    partitioned by ZeRO-3 are gathered for the copy.
+    """
+    from safetensors import safe_open
+
+    names = list(tower.state_dict().keys())  # parameters and persistent buffers
+    own = dict(tower.named_parameters()) | dict(tower.named_buffers())
+    with safe_open(str(_weights_file(path)), framework="pt") as f:
+        available = set(f.keys())
+        prefix = next((p for p in prefixes if all(p + n in available for n in names)), None)
+        if prefix is None:
+            missing = sorted(prefixes[0] + n for n in names if prefixes[0] + n not in available)
+            raise ValueError(f"{path}/model.safetensors lacks {len(missing)} tensors of the "
+                             f"{type(tower).__name__} (e.g. {missing[:3]}): not a matching CLIP checkpoint")
+        copies = [(own[n], f.get_tensor(prefix + n)) for n in names]
+        for key, param in optional.items():
+            if key in available:
+                copies.append((param, f.get_tensor(key)))
+            else:
+                log.warning("%s has no %s; it keeps its random init", path, key)
+    with _gathered([t for t, _ in copies if isinstance(t, nn.Parameter)]):
+        for target, value in copies:
+            if value.numel() == target.numel() == 1:
+                value = value.reshape(target.shape)  # CLIPModel's logit_scale is 0-d, ours [1]
+            if tuple(target.shape) != tuple(value.shape):
+                raise ValueError(f"{path}: a tensor of shape {tuple(value.shape)} does not fit the model's "
+                                 f"{tuple(target.shape)}; check the model size JSON (embed_dim) against the checkpoint")
+            with torch.no_grad():
+                target.copy_(value.to(target.dtype))
+
+
+def _gathered(params: list[nn.Parameter]):
+    """Full parameters for a copy: ZeRO-3's GatheredParameters when partitioned, else nothing to do."""
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return contextlib.nullcontext()
