@@ -113,8 +113,9 @@ def multi_positive_row_loss(
     dtype = _compute_dtype(rows, cols)
     row_inv, col_inv, num_groups = dense_groups(row_groups, col_groups)
     chunk = chunk_rows_for(rows.shape[0], cols.shape[0], chunk_rows, rows.device)
-    return RowLoss.apply(rows.to(dtype), cols.to(dtype), scale.to(dtype), row_inv, col_inv, num_groups, self_offset,
-                         chunk)
+    cols_c = cols.to(dtype)
+    rows_c = cols_c if rows is cols else rows.to(dtype)  # keep the identity: RowLoss then shares one gradient
+    return RowLoss.apply(rows_c, cols_c, scale.to(dtype), row_inv, col_inv, num_groups, self_offset, chunk)
 
 
 def multi_positive_pair_loss(

@@ -98,7 +98,8 @@ class RowLoss(torch.autograd.Function):
         has_pos = num_pos > 0
         loss = torch.where(has_pos, lse - scale * pos / num_pos.clamp(min=1), torch.zeros_like(lse))
         ctx.save_for_backward(rows, cols, scale, lse, num_pos, row_inv, col_inv, group_sum)
-        ctx.self_offset, ctx.chunk = self_offset, chunk
+        # rows and cols are one tensor (intra-modal term in one process): one gradient buffer serves both.
+        ctx.self_offset, ctx.chunk, ctx.shared = self_offset, chunk, rows is cols
         ctx.mark_non_differentiable(num_pos)
         return loss, num_pos
 
@@ -108,7 +109,8 @@ class RowLoss(torch.autograd.Function):
         so, chunk, b = ctx.self_offset, ctx.chunk, rows.shape[0]
         g = torch.where(num_pos > 0, grad_loss, torch.zeros_like(grad_loss))  # rows without positives: constant 0
         w_pos = g / num_pos.clamp(min=1)  # weight of each positive column in dL/dz
-        grad_rows, grad_cols = torch.empty_like(rows), torch.zeros_like(cols)
+        grad_cols = torch.zeros_like(cols)
+        grad_rows = None if ctx.shared else torch.empty_like(rows)
         grad_scale = torch.zeros((), dtype=rows.dtype, device=rows.device)
         pos_rows = torch.zeros_like(group_sum)  # [G, D] sum_{i in group} w_pos_i r_i
         for start in range(0, b, chunk):
@@ -126,8 +128,12 @@ class RowLoss(torch.autograd.Function):
             pc -= w_pos[start:end, None] * q
             pos_rows.index_add_(0, row_inv[start:end], r * w_pos[start:end, None])
             grad_scale += (r * pc).sum()  # sum_ik dL/dz_ik r_i.c_k
-            grad_rows[start:end] = pc * scale
+            if ctx.shared:  # accumulated unscaled with the column gradient, which is x s at the end
+                grad_cols[start:end] += pc
+            else:
+                grad_rows[start:end] = pc * scale
         _sub_gathered_(grad_cols, pos_rows, col_inv, chunk)
+        # Shared: autograd sums the gradients of both arguments, so all of it goes to one of them.
         return grad_rows, grad_cols.mul_(scale), grad_scale, None, None, None, None, None
 
 

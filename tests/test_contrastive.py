@@ -194,3 +194,19 @@ def test_clear_errors_on_bad_input(monkeypatch):
         resolve_impl("triton", rows.device)
     assert resolve_impl("auto", torch.device("cpu")) == "torch"
     assert resolve_impl("auto", torch.device("cuda", 0)) == "triton"
+
+
+@pytest.mark.parametrize("chunk", [5, None])
+def test_lean_torch_rows_same_tensor_as_cols(chunk):
+    """Intra-modal term in one process: rows is cols (one gradient buffer); equal to two separate tensors."""
+    cols, _, groups, _, s, w = make_case(23, 23, 14, 14, self_offset=0, seed=21)
+    results = []
+    for impl in ("reference", "torch"):
+        x, s_ = cols.clone().requires_grad_(), s.clone().requires_grad_()
+        loss, num_pos = multi_positive_row_loss(x, x, groups, groups, s_, self_offset=0, impl=impl, chunk_rows=chunk) \
+            if impl == "torch" else multi_positive_row_loss(x, x, groups, groups, s_, self_offset=0, impl=impl)
+        (loss * w).sum().backward()
+        results.append((loss.detach(), num_pos, x.grad, s_.grad))
+    assert (results[0][1] == 0).any() and (results[0][1] > 1).any()  # singletons and real groups
+    for got, want in zip(results[1], results[0]):
+        assert_close_rel(got.double(), want.double(), 1e-12)
