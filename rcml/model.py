@@ -144,26 +144,27 @@ class RCMLModel(nn.Module):
 
     def _mix(self, features: ItemFeatures, pool: RelationPooling | None, relation_emb, row_item, row_relation):
         global_rows = features.global_emb[row_item]  # [B, D]
+        # Mix and normalize in (at least) fp32: the loss compares these at a scale of up to 100.
+        dtype = torch.promote_types(global_rows.dtype, torch.float32)
         if not self.uses_pooling:
-            return F.normalize(global_rows.float(), dim=-1)
+            return F.normalize(global_rows.to(dtype), dim=-1)
         if relation_emb is None:
             raise ValueError("this model pools under relations: pass relation_emb from encode_relations")
         pooled = pool.pool(features, relation_emb, row_item, row_relation, impl=self.impl)  # [B, D]
-        # Mix and normalize in fp32: the loss compares these at scale up to 100.
-        return F.normalize(self.beta * global_rows.float() + (1.0 - self.beta) * pooled.float(), dim=-1)
+        return F.normalize(self.beta * global_rows.to(dtype) + (1.0 - self.beta) * pooled.to(dtype), dim=-1)
 
     def encode_images(self, images: torch.Tensor, relation_emb: torch.Tensor | None, row_item: torch.Tensor,
                       row_relation: torch.Tensor) -> torch.Tensor:
-        """images [I, 3, S, S], relation_emb [R, D], rows [B] -> unit-norm image embeddings [B, D] (fp32)."""
+        """images [I, 3, S, S], relation_emb [R, D], rows [B] -> unit-norm image embeddings [B, D] (fp32 or wider)."""
         return self.pool_images(self.image_features(images), relation_emb, row_item, row_relation)
 
     def encode_texts(self, ids: torch.Tensor, mask: torch.Tensor, relation_emb: torch.Tensor | None,
                      row_item: torch.Tensor, row_relation: torch.Tensor) -> torch.Tensor:
-        """ids, mask [I, L], relation_emb [R, D], rows [B] -> unit-norm text embeddings [B, D] (fp32)."""
+        """ids, mask [I, L], relation_emb [R, D], rows [B] -> unit-norm text embeddings [B, D] (fp32 or wider)."""
         return self.pool_texts(self.text_features(ids, mask), relation_emb, row_item, row_relation)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """-> {"image_emb" [B, D], "text_emb" [B, D] (unit norm, fp32), "logit_scale" (exp'd, clamped at 100)}."""
+        """-> {"image_emb" [B, D], "text_emb" [B, D] (unit norm, fp32 or wider), "logit_scale" (exp'd, clamped at 100)}."""
         relation_emb = None
         if self.uses_pooling and batch.relation_ids.shape[1] == batch.text_ids.shape[1]:
             # Captions and relation texts in one text-tower call: one parameter gather under ZeRO-3, not two.
