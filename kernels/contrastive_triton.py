@@ -18,10 +18,13 @@ written per row and summed by torch (again no atomics).
 No b x N tensor exists in either pass. Inputs fp32 or bf16 (or fp16); accumulation is fp32. On a GPU
 bf16 tiles go to the tensor cores as bf16 with fp32 accumulation; under TRITON_INTERPRET=1 they are
 cast to fp32 right after loading (bf16 arithmetic and bf16 tl.dot are wrong in the interpreter).
-fp32 inputs use ``input_precision="ieee"`` (no TF32 rounding), so fp32 results match the reference.
+fp32 inputs use 3xTF32 on the GPU (``input_precision="tf32x3"``: tensor cores at about fp32 accuracy,
+where plain TF32 would round the logits to ~1e-3) and exact fp32 in the interpreter.
 
 Block sizes: one config (multi-config autotune needs a GPU to benchmark); the defaults are meant for
 H100/H200 at D = 512 and can be overridden per call (``TritonBlocks``) or in a scope (``blocks(...)``).
+Compiled ahead of time for sm_90 (tests/test_contrastive_triton_compile.py), shared memory per block is
+24 KiB (forward) and 128 KiB (each backward pass) for bf16, 80 / 64 KiB for fp32, under the 227 KiB limit.
 """
 
 from __future__ import annotations
@@ -207,7 +210,9 @@ def _bwd_cols_kernel(R, C, RG, CG, SCALE, LSE, CNT, G, DC, b, n, d, stride_r, st
 
 def _launch_args(rows: torch.Tensor, cfg: TritonBlocks) -> dict:
     cast = INTERPRET and rows.dtype != torch.float32
-    precision = "ieee" if (rows.dtype == torch.float32 or cast) else "tf32"  # tf32 is ignored for bf16 operands
+    # fp32 operands on a GPU: 3xTF32 (tensor cores, about fp32 accuracy); the interpreter computes exact fp32.
+    # For 16-bit operands the precision flag does not apply.
+    precision = "ieee" if INTERPRET else ("tf32x3" if rows.dtype == torch.float32 else "tf32")
     d_pad = max(16, triton.next_power_of_2(rows.shape[1]))
     return dict(CAST=cast, PRECISION=precision, BLOCK_D=min(cfg.block_d, d_pad), D_PAD=d_pad)
 
@@ -266,6 +271,10 @@ def triton_row_loss(rows, cols, row_groups, col_groups, scale, self_offset=None,
         raise TypeError(f"impl='triton' takes fp32, bf16 or fp16 rows and cols of one dtype, got {rows.dtype} / "
                         f"{cols.dtype} (use impl='reference' or 'torch' for fp64)")
     cfg = cfg or _blocks
+    if rows.dtype == torch.float32 and not INTERPRET and cfg == TritonBlocks():
+        # fp32 tiles (split in two for 3xTF32) next to a [block, D] operand need about twice the shared memory
+        # of bf16: the default backward blocks would exceed the 227 KiB of an H100/H200 at D = 512.
+        cfg = replace(cfg, bwd_m=32, bwd_n=32, num_warps=4)
     cfg.check()
     return _TritonRowLoss.apply(rows.contiguous(), cols.contiguous(), scale.reshape(1).contiguous(),
                                 row_groups.contiguous(), col_groups.contiguous(), self_offset, cfg)
