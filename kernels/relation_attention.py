@@ -239,7 +239,7 @@ def _bwd_dkv_kernel(Q, K, V, VALID, ROW_REL, ITEM_ORDER, ITEM_PTR, DO, LSE, DELT
     k, v, valid = _load_tile(K, V, VALID, item, offs_t, offs_d, h, T, H, HEAD_DIM)
     dk = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for j in range(tl.load(ITEM_PTR + item), tl.load(ITEM_PTR + item + 1)):
+    for j in range(tl.load(ITEM_PTR + item).to(tl.int32), tl.load(ITEM_PTR + item + 1).to(tl.int32)):
         row = tl.load(ITEM_ORDER + j)
         rel = tl.load(ROW_REL + row)
         q = tl.load(Q + (rel * H + h) * HEAD_DIM + offs_d, mask=d_mask, other=0.0).to(tl.float32) * scale
@@ -261,7 +261,7 @@ def _segment_sum_kernel(X, ORDER, PTR, OUT, H, HEAD_DIM: tl.constexpr, BLOCK_D: 
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j in range(tl.load(PTR + seg), tl.load(PTR + seg + 1)):
+    for j in range(tl.load(PTR + seg).to(tl.int32), tl.load(PTR + seg + 1).to(tl.int32)):
         acc += tl.load(X + (tl.load(ORDER + j) * H + h) * HEAD_DIM + offs_d, mask=d_mask, other=0.0)
     tl.store(OUT + (seg * H + h) * HEAD_DIM + offs_d, acc.to(OUT.dtype.element_ty), mask=d_mask)
 

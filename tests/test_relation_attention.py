@@ -119,3 +119,21 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
 
 def test_triton_tiles_are_gpu_legal():
     assert ra.BLOCK_T >= 16 and ra.BLOCK_T & (ra.BLOCK_T - 1) == 0
+
+
+def test_benchmark_script_runs_on_cpu():
+    """benchmarks/kernels_attention.py at smoke size: rows, ratios and errors are produced and sane."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels_attention.py"
+    spec = importlib.util.spec_from_file_location("kernels_attention_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.bench_relation_attention("cpu", items=3, per_item=2, tokens=(19,), heads=2, head_dim=16,
+                                          impls=("triton", "torch"), reps=1)
+    assert [r["impl"] for r in rows] == ["triton", "torch"] and all(r["ms"] > 0 and r["rows"] == 6 for r in rows)
+    assert rows[1]["speedup_vs_torch"] == 1.0
+    check = bench.check_relation_attention("cpu", items=3, per_item=2, tokens=19, heads=2, head_dim=16)
+    assert set(check["float32"]) == {"torch", "triton"}
+    assert max(check["float32"]["triton"].values()) < 1e-5 and max(check["bfloat16"]["triton"].values()) < 0.1
