@@ -13,12 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without install
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# DeepSpeed calls the pre-2.12 collective names; the warning repeats every step and says nothing to users.
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
