@@ -36,33 +36,18 @@ make dK/dV of items shared by many rows (evaluation) contended and order depende
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-IMPLS = ("auto", "torch", "triton", "reference")
+from kernels.contrastive import IMPLS, resolve_impl  # one dispatch rule for every op in kernels/
+
+__all__ = ["IMPLS", "relation_attention", "resolve_impl"]
 
 # Tokens per tile. Kept >= 16 (GPU-legal) whatever T is; odd T is handled by masking.
 BLOCK_T = 32
 NUM_WARPS = 4
-
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA tensors, ``torch`` elsewhere; validates the name."""
-    if impl not in IMPLS:
-        raise ValueError(f"relation_attention: impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            f"relation_attention: impl='triton' on {device.type} tensors needs the Triton interpreter: set "
-            "TRITON_INTERPRET=1 in the environment before kernels are imported, move the tensors to a GPU, or "
-            "use impl='torch'"
-        )
-    return impl
 
 
 def _check_inputs(q, k, v, key_valid, row_item, row_relation) -> None:
