@@ -24,6 +24,7 @@ rank and the *physical* worker id from the environment; exact resume needs the *
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import random
@@ -90,12 +91,17 @@ def image_transform(image_size: int, train: bool) -> ImageTransform:
     return ImageTransform(image_size, train)
 
 
+_SCALE = (1.0 / (255.0 * torch.tensor(CLIP_STD, dtype=torch.float64))).float().view(1, 3, 1, 1)
+_BIAS = (-torch.tensor(CLIP_MEAN, dtype=torch.float64) / torch.tensor(CLIP_STD, dtype=torch.float64)).float().view(1, 3, 1, 1)
+
+
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, S, S, 3] -> float [N, 3, S, S], CLIP mean/std."""
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
-    return x.sub_(mean).div_(std).contiguous()
+    """uint8 [N, S, S, 3] -> float [N, 3, S, S], (x / 255 - mean) / std with CLIP's mean/std.
+
+    Channels-first while still uint8 (a quarter of the bytes to move), then one fused scale + shift.
+    """
+    x = pixels.permute(0, 3, 1, 2).contiguous().float()
+    return x.mul_(_SCALE).add_(_BIAS)
 
 
 # ----------------------------------------------------------------------------------------- sources
@@ -262,6 +268,11 @@ class GroupedStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         physical, num = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            # A worker process inherits the parent's whole heap. Freezing it keeps the cyclic GC from
+            # re-scanning those objects on every full collection, which the grouping buffer's churn
+            # triggers often (measured: ~10% of the worker's CPU time). Only in our own worker process.
+            gc.freeze()
         if num != self.num_workers:
             raise RuntimeError(f"GroupedStream planned for {self.num_workers} workers runs under {num}")
         if self.start_batch == 0:
@@ -285,7 +296,7 @@ class GroupedStream(torch.utils.data.IterableDataset):
                 carry = skipped
                 continue
             carry = {}
-            yield batch
+            yield batch if info is None else _Wire(batch)
         if carry:
             log.warning("rank %d worker %d: the last batch of epoch %d had no decodable image; skipped: %s",
                         self.plan.rank, worker, self.plan.epoch, carry)
@@ -328,6 +339,28 @@ class GroupedStream(torch.utils.data.IterableDataset):
             group_ids=torch.tensor([group_id(row.group) for row in kept], dtype=torch.int64),
             keys=[row.item.key for row in kept], relation_types=[row.type for row in kept],
             skipped=skipped, worker=worker, index=index)
+
+
+class _Wire:
+    """How a Batch leaves a DataLoader worker: unpickled in the main process as the Batch itself.
+
+    torch sends every tensor through its own shared-memory segment (~0.1 ms per tensor on each side);
+    the pixels go that way, the small index and token tensors are pickled by value as numpy arrays.
+    """
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+
+    def __reduce__(self):
+        fields = {k: v.numpy() if isinstance(v, torch.Tensor) and k != "images" else v
+                  for k, v in vars(self.batch).items()}
+        return _from_wire, (fields,)
+
+
+def _from_wire(fields: dict[str, Any]) -> Batch:
+    return Batch(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in fields.items()})
 
 
 def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
