@@ -70,8 +70,8 @@ def relation_contrastive_loss(
     logit_scale: the exp'd scale (0-d tensor, usually a parameter). ``group``: process group
     (default: the world, when torch.distributed is initialized). ``impl``: see kernels.contrastive.
 
-    Returns {"loss", "it", "ti", "ii", "tt"}, fp32 0-d tensors (fp64 for fp64 embeddings). A term whose weight is 0 is not computed
-    and is reported as 0.
+    Returns {"loss", "it", "ti", "ii", "tt"}, fp32 0-d tensors (fp64 for fp64 embeddings). A term whose
+    weight is 0 is not computed and is reported as 0.
     """
     _check(image_emb, text_emb, group_ids)
     if w_inter < 0 or w_intra < 0:
