@@ -32,7 +32,8 @@ identical on every rank, so ZeRO-3's collective parameter gathers match. Only ra
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -121,6 +122,33 @@ class RowEmbedder:
         ids, mask = self._tokens([clip_mode_text(captions[row_item[r]], texts[row_text[r]]) for r in part])
         rows = torch.arange(len(part), device=self.device)
         return self.model.pool_texts(self.model.text_features(ids, mask), None, rows, rows)
+
+
+@contextmanager
+def zero3_parameter_discovery(model: torch.nn.Module) -> Iterator[None]:
+    """Let ZeRO-3 fetch parameters that a module reads before calling their owner module.
+
+    Evaluation calls the model's ``*_features`` / ``pool_*`` methods directly, not ``engine(batch)``.
+    Some transformers modules read a child's parameter outside the child's forward (CLIP's text
+    embeddings check ``position_embedding.weight.shape`` first), which ZeRO-3 only serves while the
+    engine's forward prologue has switched on its "external parameter" discovery. This does the same
+    for the duration of the block; a model without partitioned parameters is left untouched.
+    """
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        yield
+        return
+    from deepspeed.runtime.zero.parameter_offload import ensure_zero_ordered_dict
+
+    modules = list(model.modules())
+    for module in modules:
+        ensure_zero_ordered_dict(module)
+        module._parameters._in_forward = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            if hasattr(module._parameters, "_in_forward"):
+                module._parameters._in_forward = False
 
 
 # ------------------------------------------------------------------------------------------- tasks
@@ -240,10 +268,11 @@ def evaluate(model: torch.nn.Module, tokenizer, samples: Sequence[dict[str, Any]
     was_training = model.training
     model.eval()
     try:
-        embedder = RowEmbedder(model, tokenizer, mode=mode, context_length=context_length, image_size=image_size,
-                               device=device, batch_size=batch_size)
-        img, txt = embedder.embed([s["image"] for s in samples], index.captions, index.texts, rows.items(),
-                                  rows.texts())
+        with zero3_parameter_discovery(model):
+            embedder = RowEmbedder(model, tokenizer, mode=mode, context_length=context_length,
+                                   image_size=image_size, device=device, batch_size=batch_size)
+            img, txt = embedder.embed([s["image"] for s in samples], index.captions, index.texts, rows.items(),
+                                      rows.texts())
     finally:
         model.train(was_training)
     row_of = rows.index
