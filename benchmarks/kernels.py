@@ -225,7 +225,8 @@ def parse_blocks(text: str) -> dict:
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
         if key not in TritonBlocks.__dataclass_fields__:
-            raise SystemExit(f"--blocks: unknown field {key!r} (fields: {', '.join(TritonBlocks.__dataclass_fields__)})")
+            fields = ", ".join(TritonBlocks.__dataclass_fields__)
+            raise SystemExit(f"--blocks: unknown field {key!r} (fields: {fields})")
         out[key] = int(value)
     return out
 

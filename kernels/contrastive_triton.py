@@ -243,8 +243,8 @@ class _TritonRowLoss(torch.autograd.Function):
         cfg, b, n, d = ctx.cfg, rows.shape[0], cols.shape[0], rows.shape[1]
         g = grad_loss.float().contiguous()  # [b]
         a = _launch_args(rows, cfg)
-        common = dict(HAS_SELF=ctx.self_offset is not None, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, num_warps=cfg.num_warps,
-                      num_stages=cfg.num_stages, **a)
+        common = dict(HAS_SELF=ctx.self_offset is not None, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a)
         so = ctx.self_offset or 0
         grad_rows = grad_cols = grad_scale = None
         need_rows, need_cols, need_scale = ctx.needs_input_grad[:3]
