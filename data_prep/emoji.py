@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
               heldout_styles=tuple(s for s in args.heldout_styles.split(",") if s),
               heldout_emoji=args.heldout_emoji, val_styles_emoji=args.val_styles_emoji,
               shard_size=args.shard_size, max_keywords=args.max_keywords, max_group_emoji=args.max_group_emoji,
-              vocab_size=args.vocab_size, ablations=args.ablations, workers=args.workers)
+              vocab_size=args.vocab_size, ablations=args.ablations, workers=args.workers,
+              progress=sys.stderr.isatty())
     except (FetchError, FileNotFoundError, ValueError) as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 1
