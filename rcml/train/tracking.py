@@ -41,6 +41,13 @@ class MlflowTracker(NullTracker):
             artifact_root = None if os.environ.get("MLFLOW_TRACKING_URI") else (out_dir / "mlartifacts").as_uri()
             mlflow.create_experiment(experiment, artifact_location=artifact_root)
         mlflow.set_experiment(experiment)
+        if resume_run_id:
+            try:
+                mlflow.get_run(resume_run_id)
+            except mlflow.exceptions.MlflowException:
+                log.warning("MLflow run %s of the checkpoint is not in %s (a copied checkpoint?): starting a new run",
+                            resume_run_id, self.uri)
+                resume_run_id = ""
         run = mlflow.start_run(run_id=resume_run_id or None, run_name=None if resume_run_id else (run_name or None))
         self.run_id = run.info.run_id
         log.info("MLflow run %s at %s", self.run_id, self.uri)

@@ -15,7 +15,7 @@ from rcml.model import build_model  # noqa: E402
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
+    out = Path(next(a for a in sys.argv[1:] if not a.startswith("--local_rank")))
     ds = json.loads(Path("configs/zero3.json").read_text())
     deepspeed.init_distributed(verbose=False)
     with deepspeed.zero.Init(config_dict_or_path=ds):
