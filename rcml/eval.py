@@ -52,7 +52,7 @@ class RowEmbedder:
     Items are processed in chunks of ``batch_size``: ``image_features`` / ``text_features`` run once per
     chunk and every row of the chunk's items is pooled from those features (``pool_images`` /
     ``pool_texts``), in slices of at most ``max_rows_per_call`` rows. In clip mode the text of a row is
-    ``clip_mode_text(caption, relation text)``, so the text tower runs per row instead.
+    ``clip_mode_text(caption, relation text)``, so the text tower runs once per distinct such string.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, mode: str, context_length: int, image_size: int,
@@ -102,26 +102,32 @@ class RowEmbedder:
                 items = torch.tensor([local[row_item[r]] for r in part], device=dev)   # [b] -> chunk item
                 rels = torch.tensor([row_text[r] for r in part], device=dev)           # [b] -> relation text
                 img = m.pool_images(image_features, relation_emb, items, rels)         # [b, D]
-                if self.mode == "clip":
-                    txt = torch.cat([self._clip_texts(captions, texts, part[j:j + self.batch_size], row_item, row_text)
-                                     for j in range(0, len(part), self.batch_size)])
-                else:
-                    txt = m.pool_texts(text_features, relation_emb, items, rels)       # [b, D]
                 if image_out is None:
                     image_out = torch.empty(len(row_item), img.shape[1])
-                    text_out = torch.empty(len(row_item), txt.shape[1])
                 index = torch.tensor(part)
                 image_out[index] = img.float().cpu()
-                text_out[index] = txt.float().cpu()
+                if text_features is not None:
+                    txt = m.pool_texts(text_features, relation_emb, items, rels)       # [b, D]
+                    if text_out is None:
+                        text_out = torch.empty(len(row_item), txt.shape[1])
+                    text_out[index] = txt.float().cpu()
         if image_out is None:
             return torch.zeros(0, 0), torch.zeros(0, 0)
+        if self.mode == "clip":
+            text_out = self._clip_texts([clip_mode_text(captions[i], texts[t]) for i, t in zip(row_item, row_text)])
         return image_out, text_out
 
-    def _clip_texts(self, captions, texts, part, row_item, row_text) -> torch.Tensor:
-        """The CLIP baseline's text of each row: caption + relation text through the text tower alone."""
-        ids, mask = self._tokens([clip_mode_text(captions[row_item[r]], texts[row_text[r]]) for r in part])
-        rows = torch.arange(len(part), device=self.device)
-        return self.model.pool_texts(self.model.text_features(ids, mask), None, rows, rows)
+    def _clip_texts(self, strings: list[str]) -> torch.Tensor:
+        """The CLIP baseline's row texts (caption + relation text) through the text tower, each distinct
+        string once (the same emoji in several styles has one caption): [B, D] float32 on the CPU."""
+        distinct = list(dict.fromkeys(strings))
+        position = {text: j for j, text in enumerate(distinct)}
+        out = []
+        for j in range(0, len(distinct), self.batch_size):
+            ids, mask = self._tokens(distinct[j:j + self.batch_size])
+            rows = torch.arange(ids.shape[0], device=self.device)
+            out.append(self.model.pool_texts(self.model.text_features(ids, mask), None, rows, rows).float().cpu())
+        return torch.cat(out)[torch.tensor([position[text] for text in strings])]
 
 
 @contextmanager
