@@ -102,7 +102,12 @@ class Item:
 
 # ----------------------------------------------------------------------------------------------- tar
 def _open_url(url: str):
-    import webdataset as wds  # gopen: local paths, pipe:, http(s), s3 via pipe, like any WebDataset reader
+    """A local path is opened directly; anything else (``pipe:``, ``http(s)://``, ...) by WebDataset's
+    ``gopen``, like any WebDataset reader. (Importing webdataset imports torch: the offline tools in
+    ``data_prep`` avoid it for local shards.)"""
+    if "://" not in url and not url.startswith("pipe:"):
+        return open(url.removeprefix("file:"), "rb")
+    import webdataset as wds
 
     return wds.gopen(url, "rb")
 

@@ -12,9 +12,12 @@ tokens with ``<|pad|>`` at id 0 works too.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 PAD, BOS, EOS, UNK = "<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|unk|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # in id order: pad must be 0 (the model config relies on it)
@@ -48,6 +51,7 @@ class TextTokenizer:
 
     def encode(self, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``texts`` -> (ids LongTensor [n, L], mask BoolTensor [n, L]); L = context_length >= 2."""
+        import torch  # here, not at module level: data_prep.train_tokenizer runs without torch
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2 (bos + eos), got {context_length}")
         n, body = len(texts), context_length - 2
@@ -67,6 +71,6 @@ class TextTokenizer:
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """Token ids -> text, special tokens dropped (for logs and debugging)."""
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "tolist"):
             ids = ids.tolist()
         return self._tok.decode(ids, skip_special_tokens=True)

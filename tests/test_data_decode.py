@@ -191,3 +191,31 @@ def test_members_are_grouped_like_webdataset(tmp_path):
     assert set(raw[0]) == {"__key__", "__url__", "jpg", "txt", "json"}
     items = [i.key for i in iter_items(str(shard), counter, MAX_PIXELS)]
     assert items == ["dir/k0", "dir/k2"] and counter.counts == {"duplicate_member": 1}
+
+
+def test_pixel_limit_is_configurable(tmp_path):
+    """Below Pillow's own bomb threshold, the configured limit decides (here 32 x 32 > 1000 pixels)."""
+    rng = random.Random(11)
+    shard = tmp_path / "s.tar"
+    write_tar(shard, [good_members(f"k{i}", rng) for i in range(4)])
+    counter = SkipCounter()
+    assert list(iter_samples(str(shard), counter=counter, max_image_pixels=1000)) == []
+    assert counter.counts == {"image_too_large": 4}
+    assert len(list(iter_samples(str(shard), max_image_pixels=1024))) == 4
+
+
+def test_offline_tools_do_not_need_torch(tmp_path):
+    """data_prep reads local shards without importing torch (or webdataset, which imports torch)."""
+    import subprocess
+    import sys
+
+    rng = random.Random(12)
+    shard = tmp_path / "s.tar"
+    write_tar(shard, [good_members(f"k{i}", rng) for i in range(2)])
+    code = ("import sys, data_prep.build_shards, data_prep.synthetic, data_prep.train_tokenizer, data_prep.inspect\n"
+            "from rcml.decode import SkipCounter, iter_items\n"
+            f"assert len(list(iter_items({str(shard)!r}, SkipCounter(), 10**8))) == 2\n"
+            "assert 'torch' not in sys.modules and 'webdataset' not in sys.modules, 'torch imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
