@@ -67,6 +67,7 @@ class TrainConfig:
     eval_every: int = 0             # 0 = only at the end
     max_nonfinite_steps: int = 5    # consecutive non-finite losses before aborting
     collective_timeout_s: int = 60  # a dead rank fails the job instead of hanging
+    stop_grace_s: int = 90          # after SIGTERM/SIGUSR1: time to reach the next step and checkpoint
     export: bool = True
     record_keys: bool = False       # write each step's item keys to keys_rank*.jsonl (resume audits, tests)
 
@@ -202,6 +203,7 @@ def validate(cfg: RunConfig) -> None:
     need(t.ckpt_every >= 0, "train.ckpt_every", "must be >= 0")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    need(t.stop_grace_s >= 1, "train.stop_grace_s", "must be >= 1 second")
     need(t.collective_timeout_s >= 5, "train.collective_timeout_s", "must be >= 5 seconds")
     need(d.workers >= 0, "data.workers", "must be >= 0")
     need(d.image_size >= 8, "data.image_size", "must be >= 8")

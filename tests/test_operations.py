@@ -23,11 +23,11 @@ def dataset(tmp_path_factory):
     return build_tiny_dataset(tmp_path_factory.mktemp("synthetic_ops"))
 
 
-def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"training exited early with {proc.returncode}: {proc.stderr.read()[-4000:]}")
+            raise AssertionError(f"training exited early with {proc.returncode}: {log.read_text()[-4000:]}")
         metrics = out / "metrics.jsonl"
         if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
             return
@@ -36,43 +36,54 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float 
 
 
 def _rank_pids(launcher_pid: int) -> list[int]:
-    """PIDs of the training processes (children running launch/pretrain.py) under the launcher."""
+    """PIDs of the training ranks: the launch/pretrain.py processes started by DeepSpeed's per-node
+    launcher (their DataLoader workers run the same command line, one level further down)."""
     out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
-    table = [(int(p), int(pp), a) for p, pp, a in (line.split(None, 2) for line in out if line.strip())]
-    children: dict[int, list[int]] = {}
-    for pid, ppid, _ in table:
-        children.setdefault(ppid, []).append(pid)
-    found, stack = [], [launcher_pid]
-    while stack:
-        pid = stack.pop()
-        for child in children.get(pid, []):
-            stack.append(child)
-            args = next(a for p, _, a in table if p == child)
-            if "launch/pretrain.py" in args and "deepspeed.launcher" not in args and "--local_rank" in args:
-                found.append(child)
+    table = {int(p): (int(pp), a) for p, pp, a in (line.split(None, 2) for line in out if line.strip())}
+    found = []
+    for pid, (ppid, args) in table.items():
+        parent_args = table.get(ppid, (0, ""))[1]
+        if "launch/pretrain.py" in args and "deepspeed.launcher.launch" in parent_args:
+            found.append(pid)
     return sorted(found)
+
+
+def _start(cmd: list[str], log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Output to a file, not a pipe: an orphaned DataLoader worker of a killed rank may hold a pipe open."""
+    handle = open(log, "w")
+    return subprocess.Popen(cmd, cwd=REPO, env=env() | (extra_env or {}), stdout=handle, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> None:
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_dead_rank_fails_the_job_fast(dataset, tmp_path, port):
     out = tmp_path / "run"
     ov = overrides_list(dataset, out, **{"train.steps": "500", "train.collective_timeout_s": "20"})
-    proc = subprocess.Popen(deepspeed_cmd(port, "configs/zero3.json", ov), cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log.txt"
+    proc = _start(deepspeed_cmd(port, "configs/zero3.json", ov), log)
     try:
-        _wait_for_step(out, 2, proc)
+        _wait_for_step(out, 2, proc, log)
         ranks = _rank_pids(proc.pid)
         assert len(ranks) == 2, ranks
         killed_at = time.time()
         os.kill(ranks[1], signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=90)
+        proc.wait(timeout=90)
         elapsed = time.time() - killed_at
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _finish(proc, 1)
     assert proc.returncode != 0
     assert elapsed < 60, f"job took {elapsed:.0f} s to fail after a rank died"
-    log = stdout + stderr
-    assert "exits with return code = -9" in log or "rank 1" in log.lower(), log[-3000:]
+    text = log.read_text()
+    # the launcher names the failed rank's command line (--local_rank=1) and its exit code
+    assert "--local_rank=1" in text.split("exits with return code = -9")[0].splitlines()[-1], text[-3000:]
 
 
 def test_nonfinite_steps_are_skipped_then_abort(dataset, tmp_path, port):
@@ -93,15 +104,14 @@ def test_stop_request_checkpoints_and_resume_finishes(dataset, tmp_path, port):
     """The SLURM requeue path: a STOP file makes every rank checkpoint and exit 0; --resume continues."""
     out = tmp_path / "stop"
     ov = overrides_list(dataset, out, **{"train.steps": "12", "train.export": "false"})
-    proc = subprocess.Popen(deepspeed_cmd(port, "configs/zero3.json", ov), cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log.txt"
+    proc = _start(deepspeed_cmd(port, "configs/zero3.json", ov), log)
     try:
-        _wait_for_step(out, 3, proc)
+        _wait_for_step(out, 3, proc, log)
         (out / "STOP").touch()
-        proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _finish(proc, 1)
     assert proc.returncode == 0
     stopped_at = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 3 <= stopped_at < 12 and not (out / "STOP").exists()
@@ -118,20 +128,20 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint_loadable(dataset, tmp_p
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     # second run: resume to 6 steps, killed while saving step 6 (after DeepSpeed wrote its files)
     ov6 = overrides_list(dataset, out, **{"train.steps": "6", "train.ckpt_every": "2", "train.export": "false"})
-    proc = subprocess.Popen(deepspeed_cmd(port + 1, "configs/zero3.json", ov6, extra_args=("--resume", "latest")),
-                            cwd=REPO, env=env() | {"RCML_TEST_SAVE_PAUSE_S": "60"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log.txt"
+    proc = _start(deepspeed_cmd(port + 1, "configs/zero3.json", ov6, extra_args=("--resume", "latest")), log,
+                  {"RCML_TEST_SAVE_PAUSE_S": "30"})
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and not list((out / "checkpoints").glob(".tmp-step_00000006/trainer_state_*")):
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
+        while time.time() < deadline and len(list((out / "checkpoints").glob(".tmp-step_00000006/trainer_state_*"))) < 2:
+            assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.5)
         ranks = _rank_pids(proc.pid)
+        assert len(ranks) == 2, ranks
         os.kill(ranks[0], signal.SIGKILL)
-        proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _finish(proc, 1)
     assert proc.returncode != 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert not (out / "checkpoints" / "step_00000006").exists()

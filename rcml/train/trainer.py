@@ -101,7 +101,7 @@ class Trainer:
         if resume:
             self._resume(resume)
         seed_everything(cfg.seed + 1000 * self.world.rank + self.step)  # per-rank stream for any sampling
-        self.stop = StopRequest(self.out_dir / "STOP")
+        self.stop = StopRequest(self.out_dir / "STOP", cfg.train.stop_grace_s)
         self.tracker = make_tracker(cfg.tracking.mlflow, self.world.is_main, self.out_dir,
                                     cfg.tracking.experiment, cfg.tracking.run_name, self.mlflow_run_id)
         self.mlflow_run_id = self.tracker.run_id
