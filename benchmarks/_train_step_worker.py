@@ -99,12 +99,16 @@ def main() -> None:
 
     for q in engine.module.parameters():
         count(q.ds_tensor if hasattr(q, "ds_tensor") else q.data)
+    # fp32 master partitions (ZeRO-3 / ZeRO-2 attribute names) and every Adam state tensor; the torch
+    # optimizer inside ZeRO-3 keys its state by the flat fp32 partitions, not by model parameters.
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        for t in getattr(optimizer, attr, None) or []:
+            count(t)
     inner = getattr(optimizer, "optimizer", optimizer)
-    for group in inner.param_groups:
-        for q in group["params"]:
-            count(q)
-            for v in inner.state.get(q, {}).values():
-                count(v)
+    for key, state in inner.state.items():
+        count(key)
+        for v in state.values():
+            count(v)
     median = sorted(times)[len(times) // 2]
     result = {"params": n_params, "samples_per_s": args.rows * dist.get_world_size() / median,
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "state_bytes": state_bytes}

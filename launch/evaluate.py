@@ -74,14 +74,19 @@ def log_run(report: dict, out: Path, args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     import torch
 
+    # no_grad as a context, not set_grad_enabled(False): main() is also called in-process (tests, notebooks)
+    with torch.no_grad():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parse_args(argv)
     from rcml.decode import BadSampleError
     from rcml.eval import evaluate, write_report
     from rcml.export import from_pretrained
 
-    torch.set_grad_enabled(False)
     try:
         loaded = from_pretrained(args.checkpoint, map_location=args.device)
     except FileNotFoundError as exn:
