@@ -53,6 +53,8 @@ def env() -> dict[str, str]:
              PYTHONUNBUFFERED="1")
     e.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     e.pop("TRITON_INTERPRET", None)  # training uses the PyTorch CPU path
+    # mlflow.set_tracking_uri() in an in-process test exports this variable; runs must use their own store
+    e.pop("MLFLOW_TRACKING_URI", None)
     return e
 
 

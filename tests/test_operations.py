@@ -36,14 +36,23 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, log: Path, time
 
 
 def _rank_pids(launcher_pid: int) -> list[int]:
-    """PIDs of the training ranks: the launch/pretrain.py processes started by DeepSpeed's per-node
-    launcher (their DataLoader workers run the same command line, one level further down)."""
+    """PIDs of this job's training ranks: the launch/pretrain.py processes started by DeepSpeed's
+    per-node launcher below ``launcher_pid`` (their DataLoader workers run the same command line, one
+    level further down; other jobs on the machine are not descendants)."""
     out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
     table = {int(p): (int(pp), a) for p, pp, a in (line.split(None, 2) for line in out if line.strip())}
+
+    def descends(pid: int) -> bool:
+        while pid > 1:
+            if pid == launcher_pid:
+                return True
+            pid = table.get(pid, (0, ""))[0]
+        return False
+
     found = []
     for pid, (ppid, args) in table.items():
         parent_args = table.get(ppid, (0, ""))[1]
-        if "launch/pretrain.py" in args and "deepspeed.launcher.launch" in parent_args:
+        if "launch/pretrain.py" in args and "deepspeed.launcher.launch" in parent_args and descends(pid):
             found.append(pid)
     return sorted(found)
 
@@ -55,13 +64,11 @@ def _start(cmd: list[str], log: Path, extra_env: dict[str, str] | None = None) -
                             text=True, start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen, timeout: float) -> None:
-    try:
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def _finish(proc: subprocess.Popen) -> None:
+    """Never leave a job behind, and never mask the test's own failure with a cleanup error."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_dead_rank_fails_the_job_fast(dataset, tmp_path, port):
@@ -78,7 +85,7 @@ def test_dead_rank_fails_the_job_fast(dataset, tmp_path, port):
         proc.wait(timeout=90)
         elapsed = time.time() - killed_at
     finally:
-        _finish(proc, 1)
+        _finish(proc)
     assert proc.returncode != 0
     assert elapsed < 60, f"job took {elapsed:.0f} s to fail after a rank died"
     text = log.read_text()
@@ -111,7 +118,7 @@ def test_stop_request_checkpoints_and_resume_finishes(dataset, tmp_path, port):
         (out / "STOP").touch()
         proc.wait(timeout=120)
     finally:
-        _finish(proc, 1)
+        _finish(proc)
     assert proc.returncode == 0
     stopped_at = int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
     assert 3 <= stopped_at < 12 and not (out / "STOP").exists()
@@ -141,7 +148,7 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint_loadable(dataset, tmp_p
         os.kill(ranks[0], signal.SIGKILL)
         proc.wait(timeout=120)
     finally:
-        _finish(proc, 1)
+        _finish(proc)
     assert proc.returncode != 0
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
     assert not (out / "checkpoints" / "step_00000006").exists()
