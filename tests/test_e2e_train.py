@@ -94,15 +94,20 @@ def test_golden_loss_curve(reference_run):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(golden["loss"]), rtol=2e-3, atol=2e-3)
 
 
+def _start_from_step_10(ref: Path, out: Path) -> None:
+    """A fresh run directory whose only checkpoint is the reference run's step 10."""
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ref / "checkpoints" / "step_00000010", out / "checkpoints" / "step_00000010")
+    (out / "checkpoints" / "latest").write_text("step_00000010")
+
+
 def test_exact_resume_from_mid_run_checkpoint(reference_run, dataset, tmp_path):
     """10 steps + resume + 10 steps == 20 straight steps: same losses (1e-5) and same sample keys."""
     from tests.conftest import free_port
 
     ref, _ = reference_run
     out = tmp_path / "resumed"
-    (out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ref / "checkpoints" / "step_00000010", out / "checkpoints" / "step_00000010")
-    (out / "checkpoints" / "latest").write_text("step_00000010")
+    _start_from_step_10(ref, out)
     ov = overrides_list(dataset, out, **{"train.steps": str(STEPS), "train.ckpt_every": "10"})
     run(deepspeed_cmd(free_port(), "configs/zero3.json", ov, extra_args=("--resume", "latest")))
     resumed = {m["step"]: m["loss"] for m in read_metrics(out)}
@@ -120,9 +125,7 @@ def test_resume_with_another_world_size_is_refused(reference_run, dataset, tmp_p
 
     ref, _ = reference_run
     out = tmp_path / "one_rank"
-    (out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ref / "checkpoints" / "step_00000010", out / "checkpoints" / "step_00000010")
-    (out / "checkpoints" / "latest").write_text("step_00000010")
+    _start_from_step_10(ref, out)
     ov = overrides_list(dataset, out, **{"train.steps": str(STEPS)})
     with pytest.raises(AssertionError, match="written by 2 ranks, this job has 1"):
         run(deepspeed_cmd(free_port(), "configs/zero3.json", ov, nproc=1, extra_args=("--resume", "latest")),
