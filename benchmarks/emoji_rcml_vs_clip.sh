@@ -1,30 +1,51 @@
 #!/usr/bin/env bash
-# RCML vs the CLIP baseline on real relational data: the emoji dataset (data_prep.emoji).
+# RCML vs the relation-blind runs on real relational data: the emoji dataset (data_prep.emoji).
 #
-#   bash benchmarks/emoji_rcml_vs_clip.sh [--ablations] [--dry-run]
+#   bash benchmarks/emoji_rcml_vs_clip.sh [--seeds 0,1,2] [--ablations] [--untrained] [--no-eval] [--dry-run]
 #
-# Builds the data (cached), trains RCML and CLIP mode with the same trainer, data, steps and batch
-# (2 CPU ranks, ZeRO-3), evaluates both on the held-out styles (val_styles: out-of-domain) and the
-# held-out emoji (val_emoji: zero-shot), prints the comparison and writes
-# benchmarks/results/emoji_rcml_vs_clip.json (one key per run: {"val_styles": report, "val_emoji": report,
-# "train": {...}}). --ablations adds: no cross-sample relations (singleton groups), no relation
-# descriptions (one generic text), no intra-modal terms, beta in {0, 0.6, 1} (0.3 is the main run).
-# A run whose export exists is not retrained (FORCE=1 retrains); --dry-run prints the commands only.
+# Builds the data (cached), then for every seed trains each run with the same trainer, data, steps and
+# batch (2 CPU ranks, ZeRO-3; `seed=S` sets the initialization and the data stream) and evaluates it on
+# the held-out styles (val_styles: out-of-domain) and the held-out emoji (val_emoji: zero-shot) with
+# `launch/evaluate.py --seed S`: both retrieval protocols (the paper's random negatives and the confusable
+# ones) and the relation-blind baselines on the same plans.
+#
+# Runs: rcml (beta 0.3), clip (the CLIP baseline mode: relation text joined to the caption, no intra
+# terms), beta_1 (relation-blind embeddings trained with the RCML loss). --ablations adds
+# no_cross_sample (every group unique to its item), no_descriptions (one generic text), no_intra, beta_0,
+# beta_0.6. --untrained adds untrained_rcml and untrained_clip: the models at their random
+# initialization (launch/export_init.py), the floor of every learned number.
+#
+# Output: benchmarks/results/emoji_rcml_vs_clip.json maps run -> split -> report with the mean over the
+# seeds, plus "std" (a report of the same shape: sample standard deviation over seeds), "seeds" and
+# "train" (steps, seconds per seed). A run whose export exists is not retrained (FORCE=1 retrains);
+# --no-eval trains only (a later call without it evaluates the existing exports); --dry-run prints the
+# commands only.
 #
 # Environment: EMOJI_STEPS (500), EMOJI_DATA (data/emoji), EMOJI_CACHE (.cache/emoji), EMOJI_RUNS
-# (runs/emoji), EMOJI_PORT (29531), PY, DS. About 45 minutes for the two main runs on a 2-core CPU.
+# (runs/emoji), EMOJI_PORT (29531), PY, DS. About 13 minutes per trained run and seed on a 2-core CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ABLATIONS=0
+UNTRAINED=0
+EVAL=1
 DRY=0
-for arg in "$@"; do
-  case "$arg" in
+SEEDS=0,1,2
+usage() { echo "usage: bash $0 [--seeds 0,1,2] [--ablations] [--untrained] [--no-eval] [--dry-run]" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
     --ablations) ABLATIONS=1 ;;
+    --untrained) UNTRAINED=1 ;;
+    --no-eval) EVAL=0 ;;
     --dry-run) DRY=1 ;;
-    *) echo "usage: bash $0 [--ablations] [--dry-run]" >&2; exit 2 ;;
+    --seeds) [ $# -ge 2 ] || usage; SEEDS=$2; shift ;;
+    --seeds=*) SEEDS=${1#--seeds=} ;;
+    *) usage ;;
   esac
+  shift
 done
+[[ "$SEEDS" =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "--seeds must be a comma-separated list of integers, got '$SEEDS'" >&2; exit 2; }
+IFS=, read -r -a SEED_LIST <<< "$SEEDS"
 
 PY=${PY:-.venv/bin/python}
 DS=${DS:-.venv/bin/deepspeed}
@@ -58,10 +79,11 @@ pattern() {
 }
 
 # ---------------------------------------------------------------------------------------- runs
-# name | training split | evaluation suffix ("" or "_generic") | overrides
+# name | training split ("-" = not trained) | evaluation suffix ("" or "_generic") | overrides
 RUN_SPECS=(
   "rcml|train||model.mode=rcml"
   "clip|train||model.mode=clip"
+  "beta_1|train||model.mode=rcml model.beta=1"
 )
 if [ "$ABLATIONS" = 1 ]; then
   RUN_SPECS+=(
@@ -70,76 +92,54 @@ if [ "$ABLATIONS" = 1 ]; then
     "no_intra|train||model.mode=rcml loss.w_intra=0"
     "beta_0|train||model.mode=rcml model.beta=0"
     "beta_0.6|train||model.mode=rcml model.beta=0.6"
-    "beta_1|train||model.mode=rcml model.beta=1"
+  )
+fi
+if [ "$UNTRAINED" = 1 ]; then
+  RUN_SPECS+=(
+    "untrained_rcml|-||model.mode=rcml"
+    "untrained_clip|-||model.mode=clip"
   )
 fi
 
-for spec in "${RUN_SPECS[@]}"; do
-  IFS="|" read -r name split suffix overrides <<< "$spec"
-  out="$RUNS/$name"
-  if [ -f "$out/export/model.safetensors" ] && [ "${FORCE:-0}" != 1 ]; then
-    stamp "$name: export exists in $out/export, not retrained (FORCE=1 retrains)"
-  else
-    stamp "$name: training $STEPS steps on $split ($overrides)"
-    start=$(date +%s)
-    # shellcheck disable=SC2086  # $overrides is a list of key=value words
-    run $DS --num_gpus 2 --master_port "$PORT" launch/pretrain.py --ds_config configs/zero3.json \
-      --config "$CONFIG" data.train="$(pattern "$split")" data.tokenizer="$DATA/tokenizer.json" \
-      train.out_dir="$out" train.steps="$STEPS" tracking.run_name="$name" $overrides
-    [ "$DRY" = 1 ] || echo "{\"steps\": $STEPS, \"split\": \"$split\", \"overrides\": \"$overrides\", \"seconds\": $(( $(date +%s) - start ))}" > "$out/train_summary.json"
-  fi
-  for val in val_styles val_emoji; do
-    stamp "$name: evaluating on $val$suffix"
-    eval_cmd=($PY launch/evaluate.py --checkpoint "$out/export" --shards "$(pattern "$val$suffix")"
-              --out "$out/eval_$val" --negatives 20 --seed 0)
-    if [ "$DRY" = 1 ]; then
-      echo "+ ${eval_cmd[*]}"
+for seed in "${SEED_LIST[@]}"; do
+  for spec in "${RUN_SPECS[@]}"; do
+    IFS="|" read -r name split suffix overrides <<< "$spec"
+    out="$RUNS/$name/seed_$seed"
+    if [ -f "$out/export/model.safetensors" ] && [ "${FORCE:-0}" != 1 ]; then
+      stamp "$name seed $seed: export exists in $out/export, not retrained (FORCE=1 retrains)"
+    elif [ "$split" = "-" ]; then
+      stamp "$name seed $seed: exporting the random initialization ($overrides)"
+      # shellcheck disable=SC2086  # $overrides is a list of key=value words
+      run $PY launch/export_init.py --config "$CONFIG" --out "$out/export" seed="$seed" \
+        data.tokenizer="$DATA/tokenizer.json" $overrides
+      [ "$DRY" = 1 ] || echo "{\"steps\": 0, \"seed\": $seed, \"overrides\": \"$overrides\", \"seconds\": 0}" > "$out/train_summary.json"
     else
-      "${eval_cmd[@]}" > "$out/eval_$val.log" 2>&1 || { cat "$out/eval_$val.log" >&2; exit 1; }
-      grep "^| Hit@" "$out/eval_$val.log" || true
+      stamp "$name seed $seed: training $STEPS steps on $split ($overrides)"
+      start=$(date +%s)
+      # shellcheck disable=SC2086
+      run $DS --num_gpus 2 --master_port "$PORT" launch/pretrain.py --ds_config configs/zero3.json \
+        --config "$CONFIG" data.train="$(pattern "$split")" data.tokenizer="$DATA/tokenizer.json" \
+        train.out_dir="$out" train.steps="$STEPS" seed="$seed" tracking.run_name="$name-seed$seed" $overrides
+      [ "$DRY" = 1 ] || echo "{\"steps\": $STEPS, \"seed\": $seed, \"split\": \"$split\", \"overrides\": \"$overrides\", \"seconds\": $(( $(date +%s) - start ))}" > "$out/train_summary.json"
     fi
+    [ "$EVAL" = 1 ] || continue
+    for val in val_styles val_emoji; do
+      stamp "$name seed $seed: evaluating on $val$suffix"
+      eval_cmd=($PY launch/evaluate.py --checkpoint "$out/export" --shards "$(pattern "$val$suffix")"
+                --out "$out/eval_$val" --negatives 20 --seed "$seed")
+      if [ "$DRY" = 1 ]; then
+        echo "+ ${eval_cmd[*]}"
+      else
+        "${eval_cmd[@]}" > "$out/eval_$val.log" 2>&1 || { cat "$out/eval_$val.log" >&2; exit 1; }
+      fi
+    done
   done
 done
-[ "$DRY" = 1 ] && exit 0
+[ "$DRY" = 1 ] || [ "$EVAL" = 0 ] && exit 0
 
 # ---------------------------------------------------------------------------------------- summary
 stamp "collecting the reports into $RESULT"
-mkdir -p "$(dirname "$RESULT")"
 names=()
 for spec in "${RUN_SPECS[@]}"; do names+=("${spec%%|*}"); done
-$PY - "$RUNS" "$RESULT" "${names[@]}" <<'EOF'
-import json
-import sys
-from pathlib import Path
-
-runs, result, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
-out = {}
-for name in names:
-    entry = {val: json.loads((runs / name / f"eval_{val}" / "report.json").read_text())
-             for val in ("val_styles", "val_emoji")}
-    summary = runs / name / "train_summary.json"
-    entry["train"] = json.loads(summary.read_text()) if summary.is_file() else {}
-    out[name] = entry
-result.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
-
-
-def fmt(v):
-    return "-" if v is None else f"{v:.3f}"
-
-
-cols = ("AVG", "TT", "II", "TI", "IT")
-for val, title in (("val_styles", "held-out styles (out-of-domain)"), ("val_emoji", "held-out emoji (zero-shot)")):
-    print(f"\n### {title}: relation-guided Hit@5 (1 positive + 20 negatives), gallery MRR, type top-3, validity AUC\n")
-    print("| run | " + " | ".join(f"Hit@5 {c}" for c in cols) + " | Hit@1 AVG | MRR i->t | type top-3 | validity AUC |")
-    print("|---" * (len(cols) + 5) + "|")
-    for name in names:
-        r = out[name][val]
-        row = [r["retrieval"]["hit@5"][c] for c in cols] + [r["retrieval"]["hit@1"]["AVG"],
-               r["gallery"]["image_to_text"]["MRR"], r["relation_type"].get("top3"), r["validity"].get("auc")]
-        print(f"| {name} | " + " | ".join(fmt(v) for v in row) + " |")
-rcml, clip = (out[n]["val_styles"]["retrieval"]["hit@5"]["AVG"] for n in ("rcml", "clip"))
-gain = (rcml / clip - 1) * 100 if clip else float("inf")
-print(f"\nRCML vs CLIP on held-out styles, Hit@5 (AVG): {rcml:.3f} vs {clip:.3f} = {gain:+.1f}% relative "
-      f"({'meets' if gain >= 20 else 'below'} the +20% expectation)")
-EOF
+$PY benchmarks/emoji_summary.py --runs "$RUNS" --out "$RESULT" --seeds "$SEEDS" "${names[@]}"
 stamp "done: $RESULT"
