@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="items per tower call")
     p.add_argument("--max-queries", type=int, default=4000, help="relation-guided queries (seeded subsample)")
     p.add_argument("--max-pairs", type=int, default=1000, help="pairs for relation-type and validity tasks")
+    p.add_argument("--max-galleries", type=int, default=64, help="relation-conditioned galleries (seeded subsample)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad sample instead of skipping it")
     p.add_argument("--mlflow", action="store_true", help="log to MLflow even without MLFLOW_TRACKING_URI")
     p.add_argument("--experiment", default="rcml-eval", help="MLflow experiment name")
@@ -105,8 +106,8 @@ def _main(argv: list[str] | None) -> int:
     start = time.perf_counter()
     report = evaluate(loaded.model, loaded.tokenizer, samples, mode=spec["mode"],
                       context_length=int(spec["context_length"]), image_size=int(spec["image_size"]),
-                      negatives=args.negatives, seed=args.seed, device=args.device, batch_size=args.batch_size,
-                      max_queries=args.max_queries, max_pairs=args.max_pairs)
+                      negatives=args.negatives, seed=args.seed, batch_size=args.batch_size,
+                      max_queries=args.max_queries, max_pairs=args.max_pairs, max_galleries=args.max_galleries)
     report["counts"]["skipped_samples"] = skipped
     report["checkpoint"] = str(Path(args.checkpoint).resolve())
     report["shards"] = args.shards

@@ -14,19 +14,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rcml.embedding import RCMLEmbedder
 
-@dataclass
-class LoadedModel:
-    model: Any            # rcml.model.RCMLModel, eval mode
-    tokenizer: Any        # rcml.tokenizer.TextTokenizer
-    spec: dict[str, Any]
-    run_config: dict[str, Any]
 
 
 def consolidated_state_dict(module: torch.nn.Module, is_main: bool) -> dict[str, torch.Tensor]:
@@ -71,8 +65,12 @@ def write_export(out: Path, state: dict[str, torch.Tensor], spec: dict[str, Any]
     return out
 
 
-def from_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> LoadedModel:
-    """Load an export directory (``<train.out_dir>/export``) into one process, no DeepSpeed needed."""
+def from_pretrained(path: str | Path, map_location: str | torch.device = "cpu") -> RCMLEmbedder:
+    """Load an export directory (``<train.out_dir>/export``) into one process, no DeepSpeed needed.
+
+    Returns an ``RCMLEmbedder``: ``.embed_images`` / ``.embed_texts`` (rcml/embedding.py), and ``.model``
+    (``RCMLModel``, eval mode), ``.tokenizer``, ``.spec``, ``.run_config``.
+    """
     import yaml
     from safetensors.torch import load_file
 
@@ -94,4 +92,4 @@ def from_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     tokenizer = TextTokenizer.from_file(str(path / "tokenizer.json"))
     run_cfg_file = path / "run_config.yaml"
     run_config = yaml.safe_load(run_cfg_file.read_text()) if run_cfg_file.exists() else {}
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, run_config=run_config)
+    return RCMLEmbedder(model, tokenizer, spec, run_config=run_config)

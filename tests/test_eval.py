@@ -14,9 +14,11 @@ from data_prep.train_tokenizer import build_tokenizer
 from rcml.batch import clip_mode_text
 from rcml.config import ModelConfig
 from rcml.data import image_transform
-from rcml.eval import RowEmbedder, evaluate, log_to_mlflow, write_report
-from rcml.eval_metrics import SIMILARITIES
-from rcml.eval_plan import build_index, plan_queries
+from rcml.embedding import RCMLEmbedder
+from rcml.eval import aggregate_reports, embed_rows, evaluate, log_to_mlflow, write_report
+from rcml.eval.baselines import BlindScorers, retrieval_baselines
+from rcml.eval.metrics import HIT_COLUMNS, MODALITIES, SIMILARITIES
+from rcml.eval.plan import RowTable, build_index, plan_gallery, plan_queries
 from rcml.model import build_model
 from rcml.tokenizer import TextTokenizer
 
@@ -74,44 +76,88 @@ def direct_rows(model, tokenizer, samples, texts, rows, mode):
     return torch.cat(img).double(), torch.cat(txt).double()
 
 
+def embedder_for(model, tokenizer, **kwargs):
+    return RCMLEmbedder(model, tokenizer, model.spec, **kwargs)
+
+
 @pytest.mark.parametrize("mode", ["rcml", "clip"])
 @torch.no_grad()
-def test_row_embedder_matches_direct_encode(tmp_path_factory, tokenizer, mode):
+def test_row_embedding_matches_direct_encode(tmp_path_factory, tokenizer, mode):
     samples = make_samples()
     model = tiny_model(tmp_path_factory, tokenizer, mode)
     index = build_index(samples)
     rng = random.Random(1)
-    rows = list({(rng.randrange(len(samples)), rng.randrange(len(index.texts))) for _ in range(40)})
+    table = RowTable()
+    for _ in range(40):
+        table(rng.randrange(len(samples)), rng.randrange(len(index.texts)))
+    rows = list(table.index)
     # small chunks on purpose: items split over tower calls, rows split over pooling calls
-    embedder = RowEmbedder(model, tokenizer, mode=mode, context_length=L, image_size=S, device="cpu", batch_size=4,
-                           max_rows_per_call=3)
-    img, txt = embedder.embed([s["image"] for s in samples], index.captions, index.texts, [r[0] for r in rows],
-                              [r[1] for r in rows])
+    embedder = embedder_for(model, tokenizer, batch_size=4, max_rows_per_call=3)
+    img, txt = embed_rows(embedder, [s["image"] for s in samples], index, table)
     ref_img, ref_txt = direct_rows(model, tokenizer, samples, index.texts, rows, mode)
     torch.testing.assert_close(img.double(), ref_img, atol=2e-5, rtol=0)
     torch.testing.assert_close(txt.double(), ref_txt, atol=2e-5, rtol=0)
+    same = [i for i, (item, _) in enumerate(rows) if item == rows[0][0]]
     if mode == "rcml":  # the relation changes the embedding of one item ...
-        assert len({tuple(img[i].tolist()) for i, (item, _) in enumerate(rows) if item == rows[0][0]}) == \
-            sum(1 for item, _ in rows if item == rows[0][0])
+        assert len({tuple(img[i].tolist()) for i in same}) == len(same)
     else:  # ... and in clip mode the image embedding does not depend on it
-        same = [i for i, (item, _) in enumerate(rows) if item == rows[0][0]]
         for i in same:
             torch.testing.assert_close(img[i], img[same[0]])
 
 
 @torch.no_grad()
-def test_retrieval_matches_naive_per_query_recomputation(tmp_path_factory, tokenizer):
-    samples = make_samples()
-    model = tiny_model(tmp_path_factory, tokenizer, "rcml", beta=0.2, seed=3)
-    negatives, seed = 6, 5
-    report = evaluate(model, tokenizer, samples, mode="rcml", context_length=L, image_size=S, negatives=negatives,
-                      seed=seed, batch_size=5, max_queries=25)
-    index = build_index(samples)
-    plan = plan_queries(index, negatives, seed, 25)
-    assert report["retrieval"]["queries"] == len(plan.item) == 25
-    hits = {s: {1: 0, 5: 0, 10: 0} for s in SIMILARITIES}
+def test_public_embedding_api_through_from_pretrained(tmp_path_factory, tmp_path, tokenizer):
+    """rcml.from_pretrained(path).embed_images / embed_texts: shapes, norms, relation (in)dependence."""
+    import rcml
+    from rcml.export import write_export
+
+    samples = make_samples(7, seed=9)
+    images, captions = [s["image"] for s in samples], [s["caption"] for s in samples]
+    rel_a, rel_b = ["both are red"] * 7, ["both are circles"] * 7
+    tok_path = tmp_path / "tokenizer.json"
+    tokenizer._tok.save(str(tok_path))
+    loaded = {}
+    for name, mode, beta in (("rcml", "rcml", 0.3), ("beta_1", "rcml", 1.0), ("clip", "clip", 1.0)):
+        model = tiny_model(tmp_path_factory, tokenizer, mode, beta=beta, seed=4)
+        export = write_export(tmp_path / name, {k: v.clone() for k, v in model.state_dict().items()}, model.spec,
+                              tok_path, "seed: 0\n")
+        loaded[name] = rcml.from_pretrained(export)
+    for name, m in loaded.items():
+        u_a, t_a = m.embed_images(images, rel_a), m.embed_texts(captions, rel_a)
+        u_b, t_b = m.embed_images(images, rel_b), m.embed_texts(captions, rel_b)
+        u_0, t_0 = m.embed_images(images), m.embed_texts(captions)
+        for e in (u_a, t_a, u_b, t_b, u_0, t_0):
+            assert e.shape == (7, 24) and e.dtype == torch.float32 and e.device.type == "cpu"
+            torch.testing.assert_close(e.norm(dim=1), torch.ones(7))
+        # row i is the same as embedding it alone: batching and de-duplication change nothing
+        torch.testing.assert_close(m.embed_images(images[3:4], rel_a[3:4])[0], u_a[3], atol=1e-5, rtol=0)
+        # global embedding = the normalized projected CLS / eos state
+        feats = m.model.image_features(torch.stack([m.transform(im) for im in images]))
+        torch.testing.assert_close(u_0, torch.nn.functional.normalize(feats.global_emb, dim=-1), atol=1e-5, rtol=0)
+        changed_image = (u_a - u_b).abs().max() > 1e-3
+        changed_text = (t_a - t_b).abs().max() > 1e-3
+        if name == "rcml":
+            assert changed_image and changed_text
+            assert (u_a - u_0).abs().max() > 1e-3
+        elif name == "beta_1":  # relation-blind: every relation gives the global embedding
+            assert not changed_image and not changed_text
+            torch.testing.assert_close(u_a, u_0)
+            torch.testing.assert_close(t_a, t_0)
+        else:  # clip: the relation is joined to the text, and images ignore it
+            assert not changed_image and changed_text
+            joined = m.embed_texts([clip_mode_text(c, r) for c, r in zip(captions, rel_a)])
+            torch.testing.assert_close(t_a, joined)
+    m = loaded["rcml"]
+    with pytest.raises(ValueError, match="relations must be None or a list of 7"):
+        m.embed_images(images, rel_a[:3])
+    with pytest.raises(TypeError, match="must be a list"):
+        m.embed_texts("a red circle")
+    assert m.embed_images([]).shape == (0, 24)
+
+
+def _naive_hits(model, tokenizer, samples, index, plan):
+    hits = {s: {1: 0, 5: 0, 10: 0} for s in HIT_COLUMNS}
     for q, t, cands in zip(plan.item, plan.text, plan.candidates):
-        assert q not in cands and len(set(cands)) == negatives + 1
         qi, qt = direct_rows(model, tokenizer, samples, index.texts, [(q, t)], "rcml")
         ci, ct = direct_rows(model, tokenizer, samples, index.texts, [(c, t) for c in cands], "rcml")
         sims = {"TT": ct @ qt[0], "II": ci @ qi[0], "TI": ci @ qt[0], "IT": ct @ qi[0]}
@@ -120,12 +166,31 @@ def test_retrieval_matches_naive_per_query_recomputation(tmp_path_factory, token
             rank = 1 + sum(1 for j in range(1, len(cands)) if v[j] >= v[0] - 1e-9)
             for k in (1, 5, 10):
                 hits[s][k] += rank <= k
-    for s in SIMILARITIES:
+    n = len(plan.item)
+    return {k: {s: hits[s][k] / n for s in SIMILARITIES} | {"MEAN": sum(hits[s][k] for s in MODALITIES) / (4 * n)}
+            for k in (1, 5, 10)}
+
+
+@torch.no_grad()
+def test_retrieval_both_protocols_match_naive_per_query_recomputation(tmp_path_factory, tokenizer):
+    samples = make_samples()
+    model = tiny_model(tmp_path_factory, tokenizer, "rcml", beta=0.2, seed=3)
+    negatives, seed = 6, 5
+    report = evaluate(model, tokenizer, samples, mode="rcml", context_length=L, image_size=S, negatives=negatives,
+                      seed=seed, batch_size=5, max_queries=25)
+    index = build_index(samples)
+    for key, protocol in (("retrieval", "random"), ("retrieval_confusable", "confusable")):
+        plan = plan_queries(index, negatives, seed, 25, protocol=protocol)
+        assert report[key]["queries"] == len(plan.item) == 25 and report[key]["protocol"] == protocol
+        for q, cands in zip(plan.item, plan.candidates):
+            assert q not in cands and len(set(cands)) == negatives + 1
+        expected = _naive_hits(model, tokenizer, samples, index, plan)
         for k in (1, 5, 10):
-            assert report["retrieval"][f"hit@{k}"][s] == pytest.approx(hits[s][k] / 25, abs=1e-9), (s, k)
+            assert report[key][f"hit@{k}"] == pytest.approx(expected[k], abs=1e-9), (key, k)
+        assert report[key]["confusable_fraction"] == pytest.approx(sum(plan.confusable) / (25 * negatives))
 
 
-def test_plan_respects_groups_and_is_deterministic():
+def test_random_plan_respects_groups_and_is_deterministic():
     samples = make_samples(47, seed=2)
     index = build_index(samples)
     a, b = plan_queries(index, 5, 7, None), plan_queries(index, 5, 7, None)
@@ -140,29 +205,115 @@ def test_plan_respects_groups_and_is_deterministic():
     assert len(a.item) == a.available == expected
 
 
+def test_confusable_plan_draws_related_negatives_first_and_the_least_related_positive():
+    samples = make_samples(47, seed=2)
+    index = build_index(samples)
+    groups = [{g for g, _ in rels} for rels in index.item_relations]
+    rand = plan_queries(index, 5, 7, 60)
+    conf = plan_queries(index, 5, 7, 60, protocol="confusable")
+    assert conf == plan_queries(index, 5, 7, 60, protocol="confusable")
+    assert (conf.item, conf.group, conf.text) == (rand.item, rand.group, rand.text)  # same queries
+    for q, g, cands, n_conf in zip(conf.item, conf.group, conf.candidates, conf.confusable):
+        members, others = set(index.members[g]), groups[q] - {g}
+        positive, negs = cands[0], cands[1:]
+        assert positive in members and positive != q and not members & set(negs)
+        # the positive shares the fewest other groups with q among the members
+        assert len(groups[positive] & others) == min(len(groups[p] & others) for p in members - {q})
+        related = {c for h in others for c in index.members[h]} - members
+        is_related = [c in related for c in negs]
+        assert n_conf == sum(is_related) == min(5, len(related))
+        assert is_related == sorted(is_related, reverse=True)  # related ones first, then the top-up
+    assert sum(conf.confusable) > 2 * sum(rand.confusable)  # dense toy data: random negatives are often related too
+    with pytest.raises(ValueError, match="protocol"):
+        plan_queries(index, 5, 7, 60, protocol="hard")
+
+
+def test_blind_baselines_match_naive_scoring_and_confusable_defeats_them():
+    """Shared-group count and caption overlap, recomputed by hand; under the confusable protocol a
+    relation-blind scorer loses what it wins under random negatives, while a relation-aware oracle
+    (is the candidate in the query's group?) keeps Hit@1 = 1 on both."""
+    samples = make_samples(61, seed=3)
+    index = build_index(samples)
+    scorers = BlindScorers(index)
+    groups = [{g for g, _ in rels} for rels in index.item_relations]
+    words = [set(c.lower().split()) for c in index.captions]
+    results = {}
+    for protocol in ("random", "confusable"):
+        plan = plan_queries(index, 8, 1, None, protocol=protocol)
+        got = retrieval_baselines(plan, scorers)
+        for name, score in (("shared_groups", lambda a, b: len(groups[a] & groups[b])),
+                            ("caption_overlap", lambda a, b: len(words[a] & words[b]) / len(words[a] | words[b]))):
+            hits5 = 0
+            for q, cands in zip(plan.item, plan.candidates):
+                s = [score(q, c) for c in cands]
+                hits5 += 1 + sum(v >= s[0] for v in s[1:]) <= 5
+            assert got[name]["hit@5"] == pytest.approx(hits5 / len(plan.item)), (protocol, name)
+        oracle = [all(c not in index.members[g] for c in cands[1:]) and cands[0] in index.members[g]
+                  for g, cands in zip(plan.group, plan.candidates)]
+        assert all(oracle)
+        results[protocol] = got
+    assert results["confusable"]["shared_groups"]["hit@1"] < results["random"]["shared_groups"]["hit@1"] - 0.2
+
+
 @torch.no_grad()
+def test_gallery_is_conditioned_on_one_relation_and_matches_naive(tmp_path_factory, tokenizer):
+    samples = make_samples(37, seed=5)
+    model = tiny_model(tmp_path_factory, tokenizer, "rcml", beta=0.3, seed=2)
+    report = evaluate(model, tokenizer, samples, mode="rcml", context_length=L, image_size=S, negatives=4, seed=1,
+                      batch_size=6, max_galleries=3, gallery_items=12)
+    index = build_index(samples)
+    plan = plan_gallery(index, 1, 3, 12)
+    assert report["gallery"]["galleries"] == len(plan.group) == 3
+    ranks = []
+    for g, t, cands, n_members, queries in zip(plan.group, plan.text, plan.candidates, plan.num_members, plan.queries):
+        assert set(cands[:n_members]) <= set(index.members[g]) and not set(cands[n_members:]) & set(index.members[g])
+        assert len(cands) <= 12 and set(queries) <= set(cands[:n_members])
+        img, txt = direct_rows(model, tokenizer, samples, index.texts, [(c, t) for c in cands], "rcml")
+        for q in queries:
+            j = cands.index(q)
+            sim = img[j] @ txt.T
+            best = max(float(sim[m]) for m in range(n_members) if m != j)
+            ranks.append(1 + sum(1 for m in range(n_members, len(cands)) if float(sim[m]) >= best))
+    ranks = torch.tensor(ranks)
+    assert report["gallery"]["image_to_text"]["R@1"] == pytest.approx(float((ranks <= 1).double().mean()))
+    assert report["gallery"]["image_to_text"]["MRR"] == pytest.approx(float((1.0 / ranks.double()).mean()))
+
+
 def test_report_layout_determinism_files_and_mlflow(tmp_path_factory, tmp_path, tokenizer, monkeypatch):
     samples = make_samples(29, seed=4)
     model = tiny_model(tmp_path_factory, tokenizer, "clip")
     kwargs = dict(mode="clip", context_length=L, image_size=S, negatives=5, seed=0, batch_size=7)
     report = evaluate(model, tokenizer, samples, **kwargs)
     assert report == evaluate(model, tokenizer, samples, **kwargs)
-    for k in (1, 5, 10):
-        assert set(report["retrieval"][f"hit@{k}"]) == set(SIMILARITIES)
-        assert all(0.0 <= v <= 1.0 for v in report["retrieval"][f"hit@{k}"].values())
-    for s in SIMILARITIES:  # Hit@K is monotone in K
-        assert report["retrieval"]["hit@1"][s] <= report["retrieval"]["hit@5"][s] <= report["retrieval"]["hit@10"][s]
+    for key in ("retrieval", "retrieval_confusable"):
+        r = report[key]
+        for k in (1, 5, 10):
+            assert set(r[f"hit@{k}"]) == set(HIT_COLUMNS)
+            assert all(0.0 <= v <= 1.0 for v in r[f"hit@{k}"].values())
+            assert r[f"hit@{k}"]["MEAN"] == pytest.approx(sum(r[f"hit@{k}"][m] for m in MODALITIES) / 4)
+        for s in HIT_COLUMNS:  # Hit@K is monotone in K
+            assert r["hit@1"][s] <= r["hit@5"][s] <= r["hit@10"][s]
+        assert 0 <= r["confusable_fraction"] <= 1
+        for name in ("shared_groups", "caption_overlap"):
+            assert 0 <= report["baselines"][key][name]["hit@5"] <= 1
+    assert report["retrieval_confusable"]["confusable_fraction"] > report["retrieval"]["confusable_fraction"]
     assert report["counts"]["items"] == 29 and report["seed"] == 0
     for direction in ("image_to_text", "text_to_image"):
         g = report["gallery"][direction]
         assert 0 < g["MRR"] <= 1 and g["R@1"] <= g["R@5"] <= g["R@10"]
+    assert set(report["baselines"]["gallery"]) == {"shared_groups", "caption_overlap"}
     assert 0 <= report["relation_type"]["top1"] <= report["relation_type"]["top3"] <= 1
+    prior = report["baselines"]["relation_type"]["type_prior"]
+    assert 0 <= prior["top1"] <= prior["top3"] <= 1 and sorted(prior["order"]) == ["colour", "shape", "tag"]
     assert report["validity"]["pairs"] >= 10 and 0 <= report["validity"]["auc"] <= 1
+    assert 0 <= report["baselines"]["validity"]["type_only"]["auc"] <= 1
 
     out = write_report(report, tmp_path / "eval")
     loaded = json.loads((out / "report.json").read_text())
     assert loaded["retrieval"]["hit@5"] == pytest.approx(report["retrieval"]["hit@5"])
-    assert "| Hit@5 |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| model Hit@5 |" in md and "| shared_groups (blind) Hit@5 |" in md and "confusable protocol" in md
+    assert "| type prior (blind, fixed order) |" in md and "| type only (blind) |" in md
     assert Image.open(out / "hits.png").size[0] > 100
 
     import mlflow
@@ -206,6 +357,25 @@ def test_cli_on_shards_and_export(tmp_path_factory, tmp_path, tokenizer, monkeyp
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["items"] == 21 and report["mode"] == "rcml" and report["negatives"] == 4
-    assert set(report["retrieval"]["hit@5"]) == set(SIMILARITIES)
+    assert set(report["retrieval_confusable"]["hit@5"]) == set(HIT_COLUMNS) and "baselines" in report
     assert (out / "mlflow.db").is_file()
     assert main(["--checkpoint", str(tmp_path / "nope"), "--shards", manifest["pattern"], "--out", str(out)]) == 2
+
+
+def test_aggregate_reports_mean_and_std_over_seeds():
+    reports = [{"retrieval": {"hit@5": {"TT": 0.5, "II": 0.2}, "queries": 10, "protocol": "random"},
+                "order": ["a", "b"], "auc": 0.7},
+               {"retrieval": {"hit@5": {"TT": 0.7, "II": 0.4}, "queries": 10, "protocol": "random"},
+                "order": ["b", "a"], "auc": float("nan")},
+               {"retrieval": {"hit@5": {"TT": 0.9, "II": 0.3}, "queries": 10, "protocol": "random"},
+                "order": ["a", "b"], "auc": 0.8}]
+    mean, std = aggregate_reports(reports)
+    assert mean["retrieval"]["hit@5"]["TT"] == pytest.approx(0.7)
+    assert std["retrieval"]["hit@5"]["TT"] == pytest.approx(0.2)  # sample std of 0.5, 0.7, 0.9
+    assert std["retrieval"]["hit@5"]["II"] == pytest.approx(0.1)
+    assert mean["retrieval"]["queries"] == 10 and std["retrieval"]["queries"] == 0
+    assert mean["retrieval"]["protocol"] == "random" and "protocol" not in std["retrieval"]
+    assert mean["order"] == ["a", "b"] and "order" not in std
+    assert mean["auc"] is None and std["auc"] is None  # not finite in every seed: no mean
+    one_mean, one_std = aggregate_reports(reports[:1])
+    assert one_mean["retrieval"]["hit@5"] == reports[0]["retrieval"]["hit@5"] and one_std["auc"] == 0.0

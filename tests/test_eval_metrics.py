@@ -1,4 +1,4 @@
-"""rcml.eval_metrics on hand-computed cases and against naive float64 loops."""
+"""rcml.eval.metrics on hand-computed cases and against naive float64 loops."""
 
 from math import comb
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rcml.eval_metrics import (gallery_metrics, hit_at_k, linear_probe, mean_reciprocal_rank, positive_rank,
+from rcml.eval.metrics import (gallery_ranks, hit_at_k, linear_probe, mean_reciprocal_rank, positive_rank,
                                relation_type_accuracy, retrieval_scores, roc_auc, topk_chance)
 
 
@@ -21,11 +21,16 @@ def test_positive_rank_hand_computed_3x3():
                         [False, True, False],
                         [True, False, True]])
     assert positive_rank(sim, pos).tolist() == [1, 3, 1]
-    g = gallery_metrics(sim, pos, ks=(1, 2, 3))
-    assert g["R@1"] == pytest.approx(2 / 3)
-    assert g["R@2"] == pytest.approx(2 / 3)
-    assert g["R@3"] == pytest.approx(1.0)
-    assert g["MRR"] == pytest.approx((1 + 1 / 3 + 1) / 3)
+    assert hit_at_k(positive_rank(sim, pos), (1, 2, 3)) == pytest.approx({1: 2 / 3, 2: 2 / 3, 3: 1.0})
+
+
+def test_gallery_ranks_exclude_the_query_itself():
+    # 2 members (columns 0, 1) and 3 others; query 0 is column 0, query 1 is column 1
+    sim = torch.tensor([[0.99, 0.2, 0.5, 0.1, 0.3],
+                        [0.4, 0.99, 0.3, 0.45, 0.1]])
+    # query 0: own item (0.99) is no candidate; its positive 0.2 is beaten by 0.5, 0.3 -> rank 3
+    # query 1: positive 0.4 is beaten by 0.45 -> rank 2
+    assert gallery_ranks(sim, [0, 1], 2).tolist() == [3, 2]
 
 
 def test_all_tied_scores_rank_last():
@@ -59,8 +64,6 @@ def test_positive_rank_matches_naive_loop():
     ranks = torch.tensor(expected)
     assert hit_at_k(ranks, (5,))[5] == pytest.approx(sum(r <= 5 for r in expected) / 37)
     assert mean_reciprocal_rank(ranks) == pytest.approx(sum(1 / r for r in expected) / 37)
-    # chunking does not change the result
-    assert gallery_metrics(sim, pos, chunk=5) == pytest.approx(gallery_metrics(sim, pos, chunk=1000))
 
 
 def test_retrieval_scores_against_float64_loops():

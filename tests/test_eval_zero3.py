@@ -47,14 +47,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ds)
     partitioned = sum(1 for p in engine.module.parameters() if p.numel() == 0)
     report = evaluate(engine.module, tok, samples, mode="rcml", context_length=L, image_size=S, negatives=5, seed=2,
-                      device="cpu", batch_size=5)
+                      batch_size=5)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps({"report": report, "partitioned": partitioned}))
     state = consolidated_state_dict(engine.module, rank == 0)
     if rank == 0:
         single = RCMLModel.from_spec(engine.module.spec, impl="torch")
         single.load_state_dict(state)
         ref = evaluate(single.eval(), tok, samples, mode="rcml", context_length=L, image_size=S, negatives=5, seed=2,
-                       device="cpu", batch_size=9)
+                       batch_size=9)
         (Path(out) / "single.json").write_text(json.dumps(ref))
     dist.barrier()
     dist.destroy_process_group()

@@ -314,7 +314,7 @@ class Trainer:
         if not self.cfg.data.val:
             return None
         from rcml.data import iter_samples
-        from rcml.eval import evaluate, write_report
+        from rcml.eval import evaluate, flat_numbers, write_report
 
         if self.val_samples is None:
             self.val_samples = []
@@ -327,16 +327,16 @@ class Trainer:
         # every rank runs the same forwards (ZeRO-3 gathers parameters collectively); rank 0 reports
         report = evaluate(module, self.tokenizer, self.val_samples, mode=self.cfg.model.mode,
                           context_length=self.cfg.data.context_length, image_size=self.cfg.data.image_size,
-                          negatives=self.cfg.eval.negatives, seed=self.cfg.eval.seed, device=self.world.device)
+                          negatives=self.cfg.eval.negatives, seed=self.cfg.eval.seed)
         module.train()
         if self.world.is_main:
             out = self.out_dir / "eval" / f"step_{self.step:08d}"
             write_report(report, out)
             self.tracker.log_metrics(flat_numbers(report, "eval/"), self.step)
             self.tracker.log_artifact(out, f"eval/step_{self.step:08d}")
-            hit5 = report["retrieval"]["hit@5"]
-            log.info("eval step %d: relation-guided Hit@5 %s", self.step,
-                     " ".join(f"{k} {v:.3f}" for k, v in hit5.items()))
+            for key in ("retrieval", "retrieval_confusable"):
+                log.info("eval step %d: %s Hit@5 %s", self.step, key,
+                         " ".join(f"{k} {v:.3f}" for k, v in report[key]["hit@5"].items()))
         dist.barrier()
         return report
 
@@ -350,18 +350,6 @@ class Trainer:
             log.info("exported %d tensors to %s (load with rcml.from_pretrained)", len(state), out)
             self.tracker.log_artifact(out / "spec.json", "export")
         dist.barrier()
-
-
-def flat_numbers(report: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """``{"retrieval": {"hit@5": {"AVG": 0.4}}}`` -> ``{"retrieval/hit@5/AVG": 0.4}`` (numbers only)."""
-    out: dict[str, float] = {}
-    for key, value in report.items():
-        name = f"{prefix}{key}".replace("@", "_at_")
-        if isinstance(value, dict):
-            out.update(flat_numbers(value, name + "/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            out[name] = float(value)
-    return out
 
 
 def train(cfg: RunConfig, ds_config_path: str, resume: str | None = None) -> int:

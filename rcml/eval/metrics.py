@@ -13,7 +13,10 @@ from math import comb
 
 import torch
 
-SIMILARITIES = ("TT", "II", "TI", "IT", "AVG")
+KS = (1, 5, 10)
+MODALITIES = ("TT", "II", "TI", "IT")   # query modality x candidate modality
+SIMILARITIES = MODALITIES + ("AVG",)     # the four scores and their per-candidate mean (the paper's fused AVG)
+HIT_COLUMNS = SIMILARITIES + ("MEAN",)   # ... and MEAN, the mean of the four Hit values (not a score)
 
 
 def retrieval_scores(q_image: torch.Tensor, q_text: torch.Tensor, c_image: torch.Tensor,
@@ -58,24 +61,41 @@ def hit_at_k(ranks: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int,
     return {k: float((ranks <= k).double().mean()) for k in ks}
 
 
+def hit_table(ranks: dict[str, torch.Tensor], ks: tuple[int, ...] = KS) -> dict[str, dict[str, float]]:
+    """Ranks [Q] per similarity (``SIMILARITIES``) -> ``{"hit@k": {TT, II, TI, IT, AVG, MEAN}}``.
+
+    AVG is the hit rate of the fused score; MEAN the mean of the four modality hit rates. They differ:
+    fusing scores lets one modality's confident ranking override the others'.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for k in ks:
+        row = {s: hit_at_k(ranks[s], (k,))[k] for s in SIMILARITIES}
+        row["MEAN"] = sum(row[m] for m in MODALITIES) / len(MODALITIES)
+        out[f"hit@{k}"] = row
+    return out
+
+
 def mean_reciprocal_rank(ranks: torch.Tensor) -> float:
     if ranks.numel() == 0:
         return float("nan")
     return float((1.0 / ranks.double()).mean())
 
 
-def gallery_metrics(sim: torch.Tensor, positive: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10),
-                    chunk: int = 4096) -> dict[str, float]:
-    """Full-gallery retrieval: R@k (a positive within the top k) and MRR (of the first positive).
+def gallery_ranks(scores: torch.Tensor, query_pos: list[int], num_members: int) -> torch.Tensor:
+    """Ranks in one relation-conditioned gallery.
 
-    sim: [Q, G] similarities; positive: [Q, G] bool. Computed in query chunks so that large galleries
-    never need more than ``chunk x G`` temporaries.
+    scores: [q, n] of the gallery's queries against its n candidates; candidate ``query_pos[j]`` is
+    query j's own item (not a candidate of query j); candidates ``[0, num_members)`` are the group's
+    members, the positives. -> [q] rank of each query's best positive among the other candidates.
     """
-    ranks = torch.cat([positive_rank(sim[i:i + chunk], positive[i:i + chunk]) for i in range(0, sim.shape[0], chunk)]
-                      ) if sim.shape[0] else torch.zeros(0, dtype=torch.long)
-    out = {f"R@{k}": v for k, v in hit_at_k(ranks, ks).items()}
-    out["MRR"] = mean_reciprocal_rank(ranks)
-    return out
+    positive = torch.zeros(scores.shape, dtype=torch.bool)
+    positive[:, :num_members] = True
+    scores = scores.clone()
+    rows = torch.arange(len(query_pos))
+    cols = torch.tensor(query_pos, dtype=torch.long)
+    positive[rows, cols] = False
+    scores[rows, cols] = float("-inf")
+    return positive_rank(scores, positive)
 
 
 def topk_chance(num_candidates: torch.Tensor, num_true: torch.Tensor, k: int) -> float:
