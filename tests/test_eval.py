@@ -223,6 +223,11 @@ def test_confusable_plan_draws_related_negatives_first_and_the_least_related_pos
         is_related = [c in related for c in negs]
         assert n_conf == sum(is_related) == min(5, len(related))
         assert is_related == sorted(is_related, reverse=True)  # related ones first, then the top-up
+        # the most related of them: no related item left out shares more other groups with q
+        overlap = [len(groups[c] & others) for c in negs if c in related]
+        assert overlap == sorted(overlap, reverse=True)
+        left_out = [len(groups[c] & others) for c in related - set(negs)]
+        assert not overlap or not left_out or max(left_out) <= min(overlap)
     assert sum(conf.confusable) > 2 * sum(rand.confusable)  # dense toy data: random negatives are often related too
     with pytest.raises(ValueError, match="protocol"):
         plan_queries(index, 5, 7, 60, protocol="hard")
@@ -267,6 +272,10 @@ def test_gallery_is_conditioned_on_one_relation_and_matches_naive(tmp_path_facto
     ranks = []
     for g, t, cands, n_members, queries in zip(plan.group, plan.text, plan.candidates, plan.num_members, plan.queries):
         assert set(cands[:n_members]) <= set(index.members[g]) and not set(cands[n_members:]) & set(index.members[g])
+        related = {c for m in cands[:n_members] for h, _ in index.item_relations[m] if h != g
+                   for c in index.members[h]} - set(index.members[g])
+        distractors = cands[n_members:]
+        assert set(distractors) <= related or related <= set(distractors)  # related distractors come first
         assert len(cands) <= 12 and set(queries) <= set(cands[:n_members])
         img, txt = direct_rows(model, tokenizer, samples, index.texts, [(c, t) for c in cands], "rcml")
         for q in queries:

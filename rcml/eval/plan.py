@@ -142,8 +142,9 @@ def plan_queries(index: EvalIndex, negatives: int, seed: int, max_queries: int |
       relation" already ranks the positive first.
     - ``confusable``: the positive is a member of g that shares the fewest *other* groups with q (ties:
       uniform); the negatives are drawn first from the items that share another group with q but are
-      not in g -- a relation-blind model cannot tell them from the positive -- and topped up with
-      uniform outsiders. ``confusable[i]`` counts the first kind.
+      not in g -- a relation-blind model cannot tell them from the positive -- the ones sharing the most
+      other groups first (ties: uniform), and topped up with uniform outsiders. ``confusable[i]`` counts
+      the first kind.
 
     A pair without a second member, or with fewer than ``negatives`` items outside the group, is
     skipped and counted.
@@ -176,7 +177,10 @@ def plan_queries(index: EvalIndex, negatives: int, seed: int, max_queries: int |
             choices = [p for p, k in overlap.items() if k == fewest]
             positive = choices[rng.randrange(len(choices))]
             related = sorted({c for h in others for c in index.members[h]} - inside)
-            negs = rng.sample(related, min(negatives, len(related)))
+            # the most related first (most other groups shared with q), uniform among equals
+            rng.shuffle(related)
+            related.sort(key=lambda c: -len(item_groups[c] & others))
+            negs = related[:negatives]
             confusable = len(negs)
             negs += _random_outsiders(rng, index.num_items, inside, negatives - len(negs), set(negs))
         plan.item.append(q)
@@ -194,7 +198,7 @@ class GalleryPlan:
 
     group: list[int]             # [G] the gallery's relation group
     text: list[int]              # [G] its relation text: every candidate is embedded under it
-    candidates: list[list[int]]  # [G][n_g] items: the group's members first, then other items of its type
+    candidates: list[list[int]]  # [G][n_g] items: the group's members first, then related non-members
     num_members: list[int]       # [G] how many leading candidates are members (the positives)
     queries: list[list[int]]     # [G][q_g] members of the group used as queries (each ranks the others)
 
@@ -204,8 +208,9 @@ def plan_gallery(index: EvalIndex, seed: int, max_galleries: int | None = 64, ma
     """Full-gallery retrieval conditioned on one relation per gallery.
 
     Gallery g: a group with 2+ members and its relation text t. Candidates: the group's members (up to
-    ``max_items // 2``) and other items that have a relation of g's type (seeded sample up to
-    ``max_items``), all embedded under t. Queries: up to ``max_queries`` members; a query ranks every
+    ``max_items // 2``), then non-members related to a member under another relation (the confusable
+    ones), topped up with other items that have a relation of g's type, up to ``max_items``; all
+    embedded under t. Queries: up to ``max_queries`` members; a query ranks every
     other candidate (its own item is not a candidate) and its positives are the other members. The
     conditioning text is the same for every candidate, so it gives no answer away; the rows of the
     paper's gallery (one relation per row) did. Galleries are a seeded sample of ``max_galleries``.
@@ -228,8 +233,14 @@ def plan_gallery(index: EvalIndex, seed: int, max_galleries: int | None = 64, ma
         if len(members) > max_items // 2:
             members = sorted(rng.sample(members, max_items // 2))
         inside = set(index.members[g])
-        pool = [i for i in by_type[index.group_type[g]] if i not in inside]
-        others = rng.sample(pool, min(len(pool), max_items - len(members)))
+        room = max_items - len(members)
+        # distractors related to the members under another relation first, then other items of g's type
+        related = sorted({c for m in members for h, _ in index.item_relations[m] if h != g
+                          for c in index.members[h]} - inside)
+        others = rng.sample(related, min(len(related), room))
+        taken = set(others)
+        pool = [i for i in by_type[index.group_type[g]] if i not in inside and i not in taken]
+        others += rng.sample(pool, min(len(pool), room - len(others)))
         queries = members if len(members) <= max_queries else sorted(rng.sample(members, max_queries))
         plan.group.append(g)
         plan.text.append(text_of[g])

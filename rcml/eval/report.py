@@ -21,13 +21,13 @@ PROTOCOLS = (("retrieval", "paper's protocol: random negatives"),
                                       "relation"))
 
 
-def _clean(value: Any) -> Any:
+def strict_json(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): strict_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [strict_json(v) for v in value]
     return value
 
 
@@ -138,7 +138,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
     """report.json, report.md, hits.png in ``out_dir`` (created). Returns ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(_clean(report), indent=2, sort_keys=True) + "\n")
+    (out / "report.json").write_text(json.dumps(strict_json(report), indent=2, sort_keys=True) + "\n")
     (out / "report.md").write_text(render_markdown(report))
     plot_hits(report, out / "hits.png")
     return out

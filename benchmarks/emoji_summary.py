@@ -1,0 +1,116 @@
+"""Collect the emoji benchmark's per-seed reports into one JSON and print the comparison tables.
+
+    python benchmarks/emoji_summary.py --runs runs/emoji --out benchmarks/results/emoji_rcml_vs_clip.json \
+        --seeds 0,1,2 rcml clip beta_1 [untrained_rcml ...]
+
+Reads ``<runs>/<name>/seed_<s>/eval_<split>/report.json`` (written by benchmarks/emoji_rcml_vs_clip.sh)
+and writes ``{name: {split: mean report + {"std": report of sample stds, "seeds": [...]}, "train": [...]}}``.
+The relation-blind baselines inside each report are computed on that report's plan; runs evaluated with
+the same seed share the plan, so their baselines agree (checked here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rcml.eval.report import strict_json, aggregate_reports  # noqa: E402
+
+SPLITS = (("val_styles", "held-out styles (out-of-domain)"), ("val_emoji", "held-out emoji (zero-shot)"))
+COLUMNS = ("MEAN", "TT", "II", "TI", "IT", "AVG")
+
+
+def collect(runs: Path, names: list[str], seeds: list[int]) -> dict:
+    out: dict = {}
+    for name in names:
+        entry: dict = {"train": []}
+        for split, _ in SPLITS:
+            reports = [json.loads((runs / name / f"seed_{s}" / f"eval_{split}" / "report.json").read_text())
+                       for s in seeds]
+            mean, std = aggregate_reports(reports)
+            entry[split] = mean | {"std": std, "seeds": seeds}
+        for s in seeds:
+            summary = runs / name / f"seed_{s}" / "train_summary.json"
+            entry["train"].append(json.loads(summary.read_text()) if summary.is_file() else {"seed": s})
+        out[name] = entry
+    return out
+
+
+def check_shared_plans(result: dict, names: list[str]) -> None:
+    """Same seed, same samples -> same plan -> identical baselines in every run (the no_descriptions
+    run is evaluated on the generic splits, whose relation texts differ but whose plan is the same)."""
+    for split, _ in SPLITS:
+        ref = result[names[0]][split]["baselines"]
+        for name in names[1:]:
+            other = result[name][split]["baselines"]
+            for key in ("retrieval", "retrieval_confusable"):
+                if other[key] != ref[key]:
+                    raise SystemExit(f"{name} {split}: the {key} baselines differ from {names[0]}'s: the runs were "
+                                     "not evaluated on the same plan (different seeds or shards?)")
+
+
+def pm(report: dict, path: tuple[str, ...]) -> str:
+    mean, std = report, report["std"]
+    for key in path:
+        mean, std = (mean or {}).get(key), (std or {}).get(key)
+    if mean is None:
+        return "-"
+    return f"{mean:.3f} ± {std:.3f}" if isinstance(std, float) else f"{mean:.3f}"
+
+
+def print_tables(result: dict, names: list[str]) -> None:
+    n_seeds = len(result[names[0]][SPLITS[0][0]]["seeds"])
+    for split, title in SPLITS:
+        for key, protocol in (("retrieval_confusable", "confusable negatives"), ("retrieval", "random negatives")):
+            print(f"\n### {title}, {protocol}: Hit@5 (1 positive + 20 negatives), mean ± std over {n_seeds} seeds\n")
+            print("| run | " + " | ".join(COLUMNS) + " |")
+            print("|---" * (len(COLUMNS) + 1) + "|")
+            for name in names:
+                r = result[name][split]
+                print(f"| {name} | " + " | ".join(pm(r, (key, "hit@5", c)) for c in COLUMNS) + " |")
+            base = result[names[0]][split]
+            for blind in base["baselines"][key]:
+                value = pm(base, ("baselines", key, blind, "hit@5"))
+                print(f"| {blind} (blind, no model) | " + " | ".join([value] * len(COLUMNS)) + " |")
+            chance = f"{5 / base[key]['candidates']:.3f}"
+            print("| chance | " + " | ".join([chance] * len(COLUMNS)) + " |")
+            print(f"\nconfusable negatives: {pm(base, (key, 'confusable_fraction'))} of all negatives")
+        print(f"\n### {title}: gallery, relation type, validity\n")
+        print("| run | gallery MRR i->t | gallery MRR t->i | type top-3 | validity AUC |")
+        print("|---|---|---|---|---|")
+        for name in names:
+            r = result[name][split]
+            print(f"| {name} | {pm(r, ('gallery', 'image_to_text', 'MRR'))} | {pm(r, ('gallery', 'text_to_image', 'MRR'))}"
+                  f" | {pm(r, ('relation_type', 'top3'))} | {pm(r, ('validity', 'auc'))} |")
+        base = result[names[0]][split]
+        b = ("baselines",)
+        print(f"| shared_groups (blind) | {pm(base, b + ('gallery', 'shared_groups', 'MRR'))} | same | - | - |")
+        print(f"| caption_overlap (blind) | {pm(base, b + ('gallery', 'caption_overlap', 'MRR'))} | same | - | - |")
+        print(f"| type prior / type only (blind) | - | - | {pm(base, b + ('relation_type', 'type_prior', 'top3'))} | "
+              f"{pm(base, b + ('validity', 'type_only', 'auc'))} |")
+        print(f"| chance | - | - | {pm(base, ('relation_type', 'chance_top3'))} | 0.500 |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seeds", required=True, help="comma-separated, e.g. 0,1,2")
+    p.add_argument("names", nargs="+")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    result = collect(args.runs, args.names, seeds)
+    check_shared_plans(result, [n for n in args.names if n != "no_descriptions"])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(strict_json(result), indent=2, sort_keys=True) + "\n")
+    print_tables(result, args.names)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
