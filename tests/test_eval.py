@@ -269,6 +269,7 @@ def test_gallery_is_conditioned_on_one_relation_and_matches_naive(tmp_path_facto
     index = build_index(samples)
     plan = plan_gallery(index, 1, 3, 12)
     assert report["gallery"]["galleries"] == len(plan.group) == 3
+    assert sorted(index.group_type[g] for g in plan.group) == ["colour", "shape", "tag"]  # spread over types
     ranks = []
     for g, t, cands, n_members, queries in zip(plan.group, plan.text, plan.candidates, plan.num_members, plan.queries):
         assert set(cands[:n_members]) <= set(index.members[g]) and not set(cands[n_members:]) & set(index.members[g])

@@ -203,6 +203,20 @@ class GalleryPlan:
     queries: list[list[int]]     # [G][q_g] members of the group used as queries (each ranks the others)
 
 
+def _stratified_sample(rng: random.Random, values: list[int], strata: list[str], count: int) -> list[int]:
+    """``count`` of ``values``, as evenly spread over the strata as they allow (sorted)."""
+    by_stratum: dict[str, list[int]] = {}
+    for v, s in zip(values, strata):
+        by_stratum.setdefault(s, []).append(v)
+    pools = [rng.sample(members, len(members)) for _, members in sorted(by_stratum.items())]  # shuffled
+    chosen: list[int] = []
+    while len(chosen) < count:  # round robin over the strata that still have values
+        for pool in pools:
+            if pool and len(chosen) < count:
+                chosen.append(pool.pop())
+    return sorted(chosen)
+
+
 def plan_gallery(index: EvalIndex, seed: int, max_galleries: int | None = 64, max_items: int = 256,
                  max_queries: int = 32) -> GalleryPlan:
     """Full-gallery retrieval conditioned on one relation per gallery.
@@ -213,12 +227,13 @@ def plan_gallery(index: EvalIndex, seed: int, max_galleries: int | None = 64, ma
     embedded under t. Queries: up to ``max_queries`` members; a query ranks every
     other candidate (its own item is not a candidate) and its positives are the other members. The
     conditioning text is the same for every candidate, so it gives no answer away; the rows of the
-    paper's gallery (one relation per row) did. Galleries are a seeded sample of ``max_galleries``.
+    paper's gallery (one relation per row) did. Galleries are a seeded sample of ``max_galleries`` groups,
+    spread evenly over the relation types (otherwise the most numerous type, e.g. keywords, fills it).
     """
     rng = random.Random(seed + 1)
     eligible = [g for g, m in enumerate(index.members) if len(m) >= 2]
     if max_galleries is not None and len(eligible) > max_galleries:
-        eligible = sorted(rng.sample(eligible, max_galleries))
+        eligible = _stratified_sample(rng, eligible, [index.group_type[g] for g in eligible], max_galleries)
     by_type: dict[str, list[int]] = {}
     for i, rels in enumerate(index.item_relations):
         for rtype in {index.group_type[g] for g, _ in rels}:
