@@ -40,6 +40,11 @@ class Batch:
     row_item: torch.Tensor        # long [B]
     row_relation: torch.Tensor    # long [B]
     group_ids: torch.Tensor       # int64 [B]
+    # rows of the conditioned contrast term (rcml/conditioned.py), None when loss.w_cond = 0
+    cond_item: torch.Tensor | None = None       # long [C] item of each conditioned row
+    cond_relation: torch.Tensor | None = None   # long [C] its relation (index into relation_ids)
+    cond_slice: torch.Tensor | None = None      # long [C] slice (one per relation group), contiguous
+    cond_member: torch.Tensor | None = None     # bool [C] the item is a member of the slice's group
     keys: list[str] = field(default_factory=list)            # [I] item ids
     relation_types: list[str] = field(default_factory=list)  # [B]
     skipped: dict[str, int] = field(default_factory=dict)    # skipped samples by reason since last batch

@@ -54,6 +54,8 @@ class ModelConfig:
 class LossConfig:
     w_inter: float = 1.0
     w_intra: float = 1.0
+    w_cond: float = 0.0             # conditioned contrast term (rcml/conditioned.py); 0 = the paper's objective
+    cond_candidates: int = 32       # items embedded under each relation of a batch for that term
     impl: str = "auto"              # auto | torch | triton | reference
 
 
@@ -197,6 +199,10 @@ def validate(cfg: RunConfig) -> None:
          f"must be auto|torch|triton|reference, got {lo.impl!r}")
     need(lo.w_inter >= 0 and lo.w_intra >= 0, "loss.w_inter/w_intra", "weights must be >= 0")
     need(lo.w_inter + lo.w_intra > 0, "loss.w_inter/w_intra", "at least one weight must be > 0")
+    need(lo.w_cond >= 0, "loss.w_cond", f"must be >= 0, got {lo.w_cond}")
+    need(lo.cond_candidates >= 2, "loss.cond_candidates", f"must be >= 2, got {lo.cond_candidates}")
+    need(lo.w_cond == 0 or m.mode == "rcml", "loss.w_cond",
+         "the conditioned term embeds items under a relation: it needs model.mode=rcml (set loss.w_cond=0)")
     need(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
     need(bool(t.out_dir), "train.out_dir", "must not be empty")
     need(t.log_every > 0, "train.log_every", "must be > 0")

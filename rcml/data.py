@@ -38,6 +38,7 @@ import webdataset as wds
 from PIL import Image
 
 from rcml.batch import SELF_RELATION_TYPE, Batch, clip_mode_text, group_id
+from rcml.conditioned import conditioned_rows
 from rcml.config import DataConfig
 from rcml.decode import SkipCounter, iter_items, load_image
 from rcml.sampler import SELF_TYPE, RelationGroupingSampler, Row, stream_seed
@@ -156,6 +157,7 @@ class _Plan:
     seed: int
     epoch: int
     train: bool
+    cond_candidates: int = 0  # > 0: build the conditioned term's rows (rcml/conditioned.py)
 
 
 def _shards(plan: _Plan, source: int, urls: list[str], worker: int, num_workers: int):
@@ -332,13 +334,21 @@ class GroupedStream(torch.utils.data.IterableDataset):
         text_ids, text_mask = self.tokenizer.encode(texts, L)                    # [I, L]
         relation_ids, relation_mask = self.encode_relations(list(rel_index))     # [R, L]
         n = len(kept)
+        cond = {}
+        if plan.cond_candidates > 0:
+            rows_c = conditioned_rows([row.group for row in kept], row_relation,
+                                      [{rel["group"] for rel in row.item.relations} | {row.group} for row in kept],
+                                      plan.cond_candidates)
+            cond = {name: torch.tensor(values, dtype=dtype) for name, values, dtype in
+                    zip(("cond_item", "cond_relation", "cond_slice", "cond_member"), rows_c,
+                        (torch.long, torch.long, torch.long, torch.bool))}
         return Batch(
             images=normalize(torch.from_numpy(np.stack(pixels))),              # [I, 3, S, S]
             text_ids=text_ids, text_mask=text_mask, relation_ids=relation_ids, relation_mask=relation_mask,
             row_item=torch.arange(n), row_relation=torch.tensor(row_relation, dtype=torch.long),
             group_ids=torch.tensor([group_id(row.group) for row in kept], dtype=torch.int64),
             keys=[row.item.key for row in kept], relation_types=[row.type for row in kept],
-            skipped=skipped, worker=worker, index=index)
+            skipped=skipped, worker=worker, index=index, **cond)
 
 
 class _Wire:
@@ -368,11 +378,13 @@ def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
 
 
 def build_loader(cfg: DataConfig, tokenizer, *, mode: str, rank: int, world_size: int, seed: int, epoch: int = 0,
-                 start_batch: int = 0, urls: str | None = None, train: bool = True) -> torch.utils.data.DataLoader:
+                 start_batch: int = 0, urls: str | None = None, train: bool = True,
+                 cond_candidates: int = 0) -> torch.utils.data.DataLoader:
     """DataLoader of ``Batch``es for one rank (``batch_size=None``: batches are formed by the sampler).
 
     ``start_batch=n`` yields exactly batches n, n+1, ... of what an uninterrupted loader with the same
     arguments yields. ``urls`` overrides ``cfg.train``; ``train=False`` disables shuffles and random crops.
+    ``cond_candidates > 0`` adds the conditioned term's rows to every batch (``loss.cond_candidates``).
     """
     if mode not in ("rcml", "clip"):
         raise ValueError(f"mode must be 'rcml' or 'clip', got {mode!r}")
@@ -394,7 +406,7 @@ def build_loader(cfg: DataConfig, tokenizer, *, mode: str, rank: int, world_size
                     "one: lower data.workers, write smaller shards (data_prep.build_shards --shard-size), "
                     "or set data.resampled=true")
     plan = _Plan(cfg=cfg, sources=sources, mode=mode, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
-                 train=train)
+                 train=train, cond_candidates=cond_candidates)
     dataset = GroupedStream(plan, tokenizer, workers, start_batch)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
                                        pin_memory=torch.cuda.is_available(),

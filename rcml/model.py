@@ -164,7 +164,8 @@ class RCMLModel(nn.Module):
         return self.pool_texts(self.text_features(ids, mask), relation_emb, row_item, row_relation)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """-> {"image_emb" [B, D], "text_emb" [B, D] (unit norm, fp32 or wider), "logit_scale" (exp'd, clamped at 100)}."""
+        """-> {"image_emb" [B, D], "text_emb" [B, D] (unit norm, fp32 or wider), "logit_scale" (exp'd, clamped at 100)},
+        plus "cond_image_emb" / "cond_text_emb" [C, D] when the batch carries conditioned rows."""
         relation_emb = None
         if self.uses_pooling and batch.relation_ids.shape[1] == batch.text_ids.shape[1]:
             # Captions and relation texts in one text-tower call: one parameter gather under ZeRO-3, not two.
@@ -178,10 +179,14 @@ class RCMLModel(nn.Module):
             if self.uses_pooling:
                 relation_emb = self.encode_relations(batch.relation_ids, batch.relation_mask)
             text = self.text_features(batch.text_ids, batch.text_mask)
-        image_emb = self.encode_images(batch.images, relation_emb, batch.row_item, batch.row_relation)
-        text_emb = self.pool_texts(text, relation_emb, batch.row_item, batch.row_relation)
-        return {"image_emb": image_emb, "text_emb": text_emb,
-                "logit_scale": self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX).reshape(())}
+        image = self.image_features(batch.images)
+        out = {"image_emb": self.pool_images(image, relation_emb, batch.row_item, batch.row_relation),
+               "text_emb": self.pool_texts(text, relation_emb, batch.row_item, batch.row_relation),
+               "logit_scale": self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX).reshape(())}
+        if batch.cond_item is not None:  # the conditioned term's rows: the same features, pooled again
+            out["cond_image_emb"] = self.pool_images(image, relation_emb, batch.cond_item, batch.cond_relation)
+            out["cond_text_emb"] = self.pool_texts(text, relation_emb, batch.cond_item, batch.cond_relation)
+        return out
 
 
 def _check_spec(spec: dict[str, Any]) -> None:

@@ -28,11 +28,14 @@ def test_overrides_and_yaml_merge(tmp_path):
         ("loss.impl=cuda", "loss.impl"),
         ("data.min_group=9", "data.min_group"),    # larger than members_per_group
         ("data.weights=1::2", "data.weights"),     # two weights for one source
+        ("loss.w_cond=-1", "loss.w_cond"),
+        ("loss.cond_candidates=1", "loss.cond_candidates"),
+        ("loss.w_cond=1 model.mode=clip", "loss.w_cond"),  # clip mode does not pool under relations
     ],
 )
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["data.train=x.tar", override])
+        load_config(None, ["data.train=x.tar", *override.split()])
     assert field in str(err.value)
 
 

@@ -86,6 +86,38 @@ def test_clip_mode_joins_relation_text(data):
             assert torch.equal(b.text_ids[i], ids[0])
 
 
+def test_conditioned_rows_in_batches_follow_full_membership(data):
+    """loss.w_cond > 0: every batch carries the conditioned term's rows (through the worker pipe), a slice
+    per non-self group, its members by full membership first, all under that group's relation."""
+    cfg, tok, samples = data["cfg"], data["tok"], data["samples"]
+    plain = batches(cfg, tok)
+    cond = batches(cfg, tok, cond_candidates=7)
+    assert [b.keys for b in plain] == [b.keys for b in cond] and all(b.cond_item is None for b in plain)
+    slices_seen = 0
+    for b in cond:
+        assert b.cond_member.dtype == torch.bool and b.cond_item.dtype == torch.long
+        row_group = {}
+        for i, key in enumerate(b.keys):
+            for r in samples[key]["relations"]:
+                if group_id(r["group"]) == b.group_ids[i].item():
+                    row_group[i] = r["group"]
+        slice_groups = list(dict.fromkeys(row_group[i] for i in sorted(row_group)))  # first-row order
+        assert b.cond_slice.unique().tolist() == list(range(len(slice_groups)))
+        for s in b.cond_slice.unique().tolist():
+            sel = (b.cond_slice == s).nonzero().flatten()
+            items, member = b.cond_item[sel].tolist(), b.cond_member[sel].tolist()
+            assert len(items) == len(set(items)) <= 7 and member == sorted(member, reverse=True)
+            group = slice_groups[s]
+            # under the relation text of a row drawn for that group
+            rel = {b.row_relation[i].item() for i, g in row_group.items() if g == group}
+            assert set(b.cond_relation[sel].tolist()) <= rel and len(set(b.cond_relation[sel].tolist())) == 1
+            for item, is_member in zip(items, member):
+                groups = {r["group"] for r in samples[b.keys[item]]["relations"]}
+                assert is_member == (group in groups)
+            slices_seen += 1
+    assert slices_seen > 10
+
+
 def test_ranks_and_workers_split_the_epoch(data):
     cfg, tok, samples = data["cfg"], data["tok"], data["samples"]
     seen = []

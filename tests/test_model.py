@@ -132,6 +132,29 @@ def test_item_features_pool_under_many_relations(micro_json):
     assert (pooled[0] - pooled[1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("beta", [0.3, 1.0])
+def test_forward_pools_conditioned_rows_from_the_same_features(micro_json, beta):
+    """Batch.cond_* rows: each item under another relation, equal to encode_* on that (item, relation)."""
+    model = make(micro_json, beta=beta).eval()
+    b = batch(items=5, relations=3, seed=4)
+    cond_item, cond_relation = torch.tensor([0, 1, 2, 3, 4, 2, 0]), torch.tensor([2, 2, 2, 0, 0, 1, 1])
+    cb = Batch(**(vars(b) | {"cond_item": cond_item, "cond_relation": cond_relation,
+                             "cond_slice": torch.tensor([0, 0, 0, 1, 1, 2, 2]),
+                             "cond_member": torch.tensor([1, 1, 0, 1, 0, 1, 0], dtype=torch.bool)}))
+    with torch.no_grad():
+        out = model(cb)
+        plain = model(b)
+        rel = model.encode_relations(b.relation_ids, b.relation_mask) if model.uses_pooling else None
+        direct_i = model.encode_images(b.images, rel, cond_item, cond_relation)
+        direct_t = model.encode_texts(b.text_ids, b.text_mask, rel, cond_item, cond_relation)
+    assert "cond_image_emb" not in plain
+    torch.testing.assert_close(out["image_emb"], plain["image_emb"])
+    torch.testing.assert_close(out["cond_image_emb"], direct_i, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["cond_text_emb"], direct_t, atol=1e-5, rtol=0)
+    same_item = out["cond_image_emb"][[0, 6]]  # item 0 under relations 2 and 1
+    assert ((same_item[0] - same_item[1]).abs().max() > 1e-3) == (beta < 1)
+
+
 @pytest.mark.parametrize("mode,beta", [("rcml", 1.0), ("clip", 0.3)])
 def test_beta_one_makes_output_independent_of_relation(micro_json, mode, beta):
     model = make(micro_json, mode=mode, beta=beta)

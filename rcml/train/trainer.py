@@ -30,6 +30,9 @@ from rcml.train.tracking import flatten_ds_config, make_tracker
 
 log = logging.getLogger("rcml")
 
+# The per-step values logged (metrics.jsonl / MLflow), each summed over micro-batches and averaged over ranks.
+LOGGED = ("loss", "it", "ti", "ii", "tt", "cond", "logit_scale")
+
 # Fault injection for the failure tests: comma-separated optimizer steps whose loss is made NaN.
 INJECT_NONFINITE_ENV = "RCML_TEST_NONFINITE_STEPS"
 
@@ -148,9 +151,11 @@ class Trainer:
     def _loader(self):
         from rcml.data import build_loader
 
+        lo = self.cfg.loss
         return build_loader(self.cfg.data, self.tokenizer, mode=self.cfg.model.mode, rank=self.world.rank,
                             world_size=self.world.world_size, seed=self.cfg.seed, epoch=self.epoch,
-                            start_batch=self.batch_in_epoch)
+                            start_batch=self.batch_in_epoch,
+                            cond_candidates=lo.cond_candidates if lo.w_cond > 0 else 0)
 
     def _batches(self):
         """Endless stream of micro-batches; advances epochs and keeps the resume position."""
@@ -168,16 +173,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ step
     def _forward_loss(self, batch) -> dict[str, torch.Tensor]:
+        from rcml.conditioned import conditioned_contrastive_loss
         from rcml.loss import relation_contrastive_loss
 
         batch = batch.to(self.world.device)
         if self.bf16:
             batch.images = batch.images.to(torch.bfloat16)
         out = self.engine(batch)
-        return relation_contrastive_loss(
+        lo = self.cfg.loss
+        losses = relation_contrastive_loss(
             out["image_emb"].float(), out["text_emb"].float(), batch.group_ids, out["logit_scale"].float(),
-            w_inter=self.cfg.loss.w_inter, w_intra=self.cfg.loss.w_intra, impl=self.cfg.loss.impl,
-        ) | {"logit_scale": out["logit_scale"].detach().float()}
+            w_inter=lo.w_inter, w_intra=lo.w_intra, impl=lo.impl,
+        )
+        losses["cond"] = torch.zeros_like(losses["loss"])
+        if lo.w_cond > 0:
+            cond = conditioned_contrastive_loss(out["cond_image_emb"].float(), out["cond_text_emb"].float(),
+                                                batch.cond_slice, batch.cond_member, out["logit_scale"].float(),
+                                                w_inter=lo.w_inter, w_intra=lo.w_intra)["cond"]
+            losses["cond"] = cond
+            losses["loss"] = losses["loss"] + lo.w_cond * cond
+        return losses | {"logit_scale": out["logit_scale"].detach().float()}
 
     def _record_keys(self, step: int, keys: list[str]) -> None:
         with open(self.out_dir / f"keys_rank{self.world.rank:05d}.jsonl", "a") as f:
@@ -203,7 +218,7 @@ class Trainer:
         status = "FINISHED"
         try:
             while self.step < cfg.train.steps:
-                terms_sum = torch.zeros(6)  # loss, it, ti, ii, tt, logit_scale (summed over micro-batches)
+                terms_sum = torch.zeros(len(LOGGED))  # summed over micro-batches
                 bad = False
                 step_keys: list[str] = []
                 for _ in range(self.gas):
@@ -221,8 +236,7 @@ class Trainer:
                         break
                     self.engine.backward(losses["loss"])
                     self.engine.step()
-                    terms_sum += torch.stack([losses[k].detach().float().cpu() for k in
-                                              ("loss", "it", "ti", "ii", "tt", "logit_scale")])
+                    terms_sum += torch.stack([losses[k].detach().float().cpu() for k in LOGGED])
                 self.step += 1
                 if cfg.train.record_keys:
                     self._record_keys(self.step, step_keys)
@@ -280,8 +294,8 @@ class Trainer:
         dist.all_reduce(rows)
         skipped = sum_counters(self.skipped)
         elapsed = max(time.perf_counter() - window_start, 1e-9)
-        metrics = {"loss": t[0].item(), "loss_it": t[1].item(), "loss_ti": t[2].item(), "loss_ii": t[3].item(),
-                   "loss_tt": t[4].item(), "logit_scale": t[5].item(), "lr": float(self.engine.get_lr()[0]),
+        metrics = {("loss_" + k if k in ("it", "ti", "ii", "tt", "cond") else k): v.item() for k, v in zip(LOGGED, t)}
+        metrics |= {"lr": float(self.engine.get_lr()[0]),
                    "samples_per_s": rows.item() / elapsed, "epoch": self.epoch,
                    "nonfinite_steps": self.nonfinite_total, "skipped_total": sum(skipped.values())}
         grad_norm = self.engine.get_global_grad_norm()
@@ -294,9 +308,9 @@ class Trainer:
                 f.write(json.dumps({"step": self.step} | metrics) + "\n")
             if bar is not None:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{metrics['samples_per_s']:.0f}")
-            log.info("step %d loss %.4f (it %.4f ti %.4f ii %.4f tt %.4f) scale %.2f lr %.2e %.1f samples/s skipped %d",
-                     self.step, metrics["loss"], metrics["loss_it"], metrics["loss_ti"], metrics["loss_ii"],
-                     metrics["loss_tt"], metrics["logit_scale"], metrics["lr"], metrics["samples_per_s"],
+            log.info("step %d loss %.4f (it %.4f ti %.4f ii %.4f tt %.4f cond %.4f) scale %.2f lr %.2e %.1f samples/s "
+                     "skipped %d", self.step, metrics["loss"], metrics["loss_it"], metrics["loss_ti"],
+                     metrics["loss_ii"], metrics["loss_tt"], metrics["loss_cond"], metrics["logit_scale"], metrics["lr"], metrics["samples_per_s"],
                      metrics["skipped_total"])
 
     # ------------------------------------------------------------------ state
