@@ -9,8 +9,9 @@
 # `launch/evaluate.py --seed S`: both retrieval protocols (the paper's random negatives and the confusable
 # ones) and the relation-blind baselines on the same plans.
 #
-# Runs: rcml (beta 0.3), clip (the CLIP baseline mode: relation text joined to the caption, no intra
-# terms), beta_1 (relation-blind embeddings trained with the RCML loss). --ablations adds
+# Runs: rcml (beta 0.3, the paper's objective), clip (the CLIP baseline mode: relation text joined to the
+# caption, no intra terms), beta_1 (relation-blind embeddings trained with the RCML loss), rcml_cond (rcml
+# plus the conditioned contrast term, loss.w_cond=1). --ablations adds
 # no_cross_sample (every group unique to its item), no_descriptions (one generic text), no_intra, beta_0,
 # beta_0.6. --untrained adds untrained_rcml and untrained_clip: the models at their random
 # initialization (launch/export_init.py), the floor of every learned number.
@@ -84,6 +85,7 @@ RUN_SPECS=(
   "rcml|train||model.mode=rcml"
   "clip|train||model.mode=clip"
   "beta_1|train||model.mode=rcml model.beta=1"
+  "rcml_cond|train||model.mode=rcml loss.w_cond=1"
 )
 if [ "$ABLATIONS" = 1 ]; then
   RUN_SPECS+=(
