@@ -30,6 +30,29 @@ def clip_mode_text(caption: str, relation_text: str) -> str:
     return f"{caption} {relation_text}".strip()
 
 
+def batch_stats(row_groups: list[str], row_types: list[str], item_groups: list[set[str]]) -> dict[str, int]:
+    """Counts that say how hard a training batch is (row i = item i), summed over steps and ranks for logging.
+
+    ``rows_<type>``: rows per relation type (``rows_self``: leftover singletons); ``negative_pairs``: ordered
+    row pairs (i, j), i != j, drawn for different groups, i.e. the in-batch negatives of the loss;
+    ``related_negative_pairs``: those whose items share some group (related under another relation: the
+    negatives a relation-blind embedding cannot push away); ``member_negative_pairs``: those where j is
+    in fact a member of i's group (drawn for another relation), a positive that the row-level loss counts
+    as a negative.
+    """
+    out: dict[str, int] = {}
+    for t in row_types:
+        out[f"rows_{t}"] = out.get(f"rows_{t}", 0) + 1
+    negatives = related = members = 0
+    for i, (gi, groups_i) in enumerate(zip(row_groups, item_groups)):
+        for j, (gj, groups_j) in enumerate(zip(row_groups, item_groups)):
+            if i != j and gi != gj:
+                negatives += 1
+                related += bool(groups_i & groups_j)
+                members += gi in groups_j
+    return out | {"negative_pairs": negatives, "related_negative_pairs": related, "member_negative_pairs": members}
+
+
 @dataclass
 class Batch:
     images: torch.Tensor          # float [I, 3, S, S], normalized
@@ -48,6 +71,7 @@ class Batch:
     keys: list[str] = field(default_factory=list)            # [I] item ids
     relation_types: list[str] = field(default_factory=list)  # [B]
     skipped: dict[str, int] = field(default_factory=dict)    # skipped samples by reason since last batch
+    stats: dict[str, int] = field(default_factory=dict)      # batch_stats() of a training batch
     worker: int = 0               # logical DataLoader worker that produced the batch
     index: int = 0                # that worker's batch counter
 

@@ -37,7 +37,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from rcml.batch import SELF_RELATION_TYPE, Batch, clip_mode_text, group_id
+from rcml.batch import SELF_RELATION_TYPE, Batch, batch_stats, clip_mode_text, group_id
 from rcml.conditioned import conditioned_rows
 from rcml.config import DataConfig
 from rcml.decode import SkipCounter, iter_items, load_image
@@ -334,11 +334,11 @@ class GroupedStream(torch.utils.data.IterableDataset):
         text_ids, text_mask = self.tokenizer.encode(texts, L)                    # [I, L]
         relation_ids, relation_mask = self.encode_relations(list(rel_index))     # [R, L]
         n = len(kept)
+        row_groups = [row.group for row in kept]
+        item_groups = [{rel["group"] for rel in row.item.relations} | {row.group} for row in kept]
         cond = {}
         if plan.cond_candidates > 0:
-            rows_c = conditioned_rows([row.group for row in kept], row_relation,
-                                      [{rel["group"] for rel in row.item.relations} | {row.group} for row in kept],
-                                      plan.cond_candidates)
+            rows_c = conditioned_rows(row_groups, row_relation, item_groups, plan.cond_candidates)
             cond = {name: torch.tensor(values, dtype=dtype) for name, values, dtype in
                     zip(("cond_item", "cond_relation", "cond_slice", "cond_member"), rows_c,
                         (torch.long, torch.long, torch.long, torch.bool))}
@@ -346,9 +346,10 @@ class GroupedStream(torch.utils.data.IterableDataset):
             images=normalize(torch.from_numpy(np.stack(pixels))),              # [I, 3, S, S]
             text_ids=text_ids, text_mask=text_mask, relation_ids=relation_ids, relation_mask=relation_mask,
             row_item=torch.arange(n), row_relation=torch.tensor(row_relation, dtype=torch.long),
-            group_ids=torch.tensor([group_id(row.group) for row in kept], dtype=torch.int64),
+            group_ids=torch.tensor([group_id(g) for g in row_groups], dtype=torch.int64),
             keys=[row.item.key for row in kept], relation_types=[row.type for row in kept],
-            skipped=skipped, worker=worker, index=index, **cond)
+            skipped=skipped, worker=worker, index=index,
+            stats=batch_stats(row_groups, [row.type for row in kept], item_groups), **cond)
 
 
 class _Wire:

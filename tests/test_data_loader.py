@@ -118,6 +118,25 @@ def test_conditioned_rows_in_batches_follow_full_membership(data):
     assert slices_seen > 10
 
 
+def test_batch_stats_hand_computed_and_in_every_batch(data):
+    from rcml.batch import batch_stats
+    from rcml.train.trainer import batch_metrics
+
+    # rows: 0, 1 drawn for colour:red; 2 for shape:star (but also red); 3 a singleton sharing nothing
+    stats = batch_stats(["colour:red", "colour:red", "shape:star", "self:x"], ["colour", "colour", "shape", "self"],
+                        [{"colour:red"}, {"colour:red", "shape:moon"}, {"shape:star", "colour:red"}, {"self:x"}])
+    # negatives: pairs with different row groups = 12 ordered pairs - (0,1), (1,0) = 10
+    # related: (0,2), (2,0), (1,2), (2,1) share colour:red -> 4; members: 2 is in colour:red -> (0,2), (1,2)
+    assert stats == {"rows_colour": 2, "rows_shape": 1, "rows_self": 1, "negative_pairs": 10,
+                     "related_negative_pairs": 4, "member_negative_pairs": 2}
+    m = batch_metrics(stats)
+    assert m["batch/rows_self"] == 0.25 and m["batch/related_negative_fraction"] == 0.4
+    assert m["batch/member_negative_fraction"] == 0.2
+    for b in batches(data["cfg"], data["tok"]):
+        assert sum(v for k, v in b.stats.items() if k.startswith("rows_")) == b.num_rows
+        assert b.stats["negative_pairs"] >= b.stats["related_negative_pairs"] >= b.stats["member_negative_pairs"]
+
+
 def test_ranks_and_workers_split_the_epoch(data):
     cfg, tok, samples = data["cfg"], data["tok"], data["samples"]
     seen = []

@@ -209,6 +209,7 @@ class Trainer:
         stream = self._batches()
         consecutive_bad = 0
         window_rows, window_start = 0, time.perf_counter()
+        window_stats: dict[str, int] = {}  # batch_stats() summed over the logging window
         bar = None
         if world.is_main:
             from tqdm import tqdm
@@ -227,6 +228,8 @@ class Trainer:
                         self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
                     step_keys.extend(batch.keys)
                     window_rows += batch.num_rows
+                    for name, n in batch.stats.items():
+                        window_stats[name] = window_stats.get(name, 0) + int(n)
                     losses = self._forward_loss(batch)
                     if self.step + 1 in self._inject:
                         losses["loss"] = losses["loss"] * float("nan")
@@ -252,9 +255,9 @@ class Trainer:
                             "(skipped-sample counters) or resume from an earlier checkpoint.")
                 else:
                     consecutive_bad = 0
-                    self._after_step(terms_sum / self.gas, bar, window_rows, window_start)
+                    self._after_step(terms_sum / self.gas, bar, window_rows, window_start, window_stats)
                     if self.step % cfg.train.log_every == 0:
-                        window_rows, window_start = 0, time.perf_counter()
+                        window_rows, window_start, window_stats = 0, time.perf_counter(), {}
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < cfg.train.steps:
                     self.save()
                 if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.steps:
@@ -280,7 +283,8 @@ class Trainer:
                 bar.close()
             self.tracker.close(status)
 
-    def _after_step(self, terms: torch.Tensor, bar, window_rows: int, window_start: float) -> None:
+    def _after_step(self, terms: torch.Tensor, bar, window_rows: int, window_start: float,
+                    window_stats: dict[str, int]) -> None:
         cfg = self.cfg
         if bar is not None:
             bar.update(1)
@@ -302,6 +306,7 @@ class Trainer:
         if grad_norm is not None and math.isfinite(float(grad_norm)):
             metrics["grad_norm"] = float(grad_norm)
         metrics.update({f"skipped_{k}": v for k, v in skipped.items()})
+        metrics.update(batch_metrics(sum_counters(window_stats)))
         if self.world.is_main:
             self.tracker.log_metrics(metrics, self.step)
             with open(self.out_dir / "metrics.jsonl", "a") as f:
@@ -364,6 +369,17 @@ class Trainer:
             log.info("exported %d tensors to %s (load with rcml.from_pretrained)", len(state), out)
             self.tracker.log_artifact(out / "spec.json", "export")
         dist.barrier()
+
+
+def batch_metrics(stats: dict[str, int]) -> dict[str, float]:
+    """Summed ``rcml.batch.batch_stats`` -> fractions: ``batch/rows_<type>`` (of all rows, ``rows_self`` =
+    singleton fraction), ``batch/related_negative_fraction``, ``batch/member_negative_fraction``."""
+    rows = sum(v for k, v in stats.items() if k.startswith("rows_"))
+    out = {f"batch/{k}": v / rows for k, v in stats.items() if k.startswith("rows_") and rows}
+    if stats.get("negative_pairs"):
+        out["batch/related_negative_fraction"] = stats["related_negative_pairs"] / stats["negative_pairs"]
+        out["batch/member_negative_fraction"] = stats["member_negative_pairs"] / stats["negative_pairs"]
+    return out
 
 
 def train(cfg: RunConfig, ds_config_path: str, resume: str | None = None) -> int:
