@@ -18,7 +18,8 @@
 #
 # Output: benchmarks/results/emoji_rcml_vs_clip.json maps run -> split -> report with the mean over the
 # seeds, plus "std" (a report of the same shape: sample standard deviation over seeds), "seeds" and
-# "train" (steps, seconds per seed). A run whose export exists is not retrained (FORCE=1 retrains);
+# "train" (steps, seconds per seed). A run whose export exists is not retrained, a report newer than its
+# export is not recomputed (FORCE=1 redoes both);
 # --no-eval trains only (a later call without it evaluates the existing exports); --dry-run prints the
 # commands only.
 #
@@ -126,6 +127,11 @@ for seed in "${SEED_LIST[@]}"; do
     fi
     [ "$EVAL" = 1 ] || continue
     for val in val_styles val_emoji; do
+      report="$out/eval_$val/report.json"
+      if [ -f "$report" ] && [ "$report" -nt "$out/export/model.safetensors" ] && [ "${FORCE:-0}" != 1 ]; then
+        stamp "$name seed $seed: $report is newer than the export, not re-evaluated (FORCE=1 re-evaluates)"
+        continue
+      fi
       stamp "$name seed $seed: evaluating on $val$suffix"
       eval_cmd=($PY launch/evaluate.py --checkpoint "$out/export" --shards "$(pattern "$val$suffix")"
                 --out "$out/eval_$val" --negatives 20 --seed "$seed")
