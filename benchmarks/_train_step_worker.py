@@ -15,6 +15,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from benchmarks._batches import random_tokens  # noqa: E402
 from rcml.batch import Batch  # noqa: E402
 from rcml.config import ModelConfig  # noqa: E402
 from rcml.loss import relation_contrastive_loss  # noqa: E402
@@ -35,12 +36,7 @@ def ds_config(stage: int, rows: int) -> dict:
 
 
 def random_batch(rows: int, image_size: int, context: int, vocab: int, gen: torch.Generator) -> Batch:
-    lengths = torch.randint(3, context, (rows,), generator=gen)
-    ids = torch.randint(3, vocab, (rows, context), generator=gen)
-    mask = torch.arange(context)[None] < lengths[:, None]
-    ids[torch.arange(rows), lengths - 1] = 2  # eos
-    ids[~mask] = 0
-    ids[:, 0] = 1
+    ids, mask = random_tokens(rows, context, vocab, gen)
     groups = torch.randint(0, rows // 4 + 1, (rows,), generator=gen)
     return Batch(images=torch.randn(rows, 3, image_size, image_size, generator=gen), text_ids=ids, text_mask=mask,
                  relation_ids=ids.clone(), relation_mask=mask.clone(), row_item=torch.arange(rows),

@@ -23,6 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._batches import random_tokens  # noqa: E402
 from rcml.batch import Batch  # noqa: E402
 from rcml.conditioned import conditioned_contrastive_loss, conditioned_rows  # noqa: E402
 from rcml.config import ModelConfig  # noqa: E402
@@ -33,12 +34,7 @@ from rcml.model import build_model  # noqa: E402
 def make_batch(groups: int, members: int, candidates: int, image_size: int, context: int, vocab: int,
                gen: torch.Generator) -> Batch:
     rows = groups * members
-    lengths = torch.randint(3, context, (rows,), generator=gen)
-    ids = torch.randint(3, vocab, (rows, context), generator=gen)
-    mask = torch.arange(context)[None] < lengths[:, None]
-    ids[torch.arange(rows), lengths - 1] = 2  # eos
-    ids[~mask] = 0
-    ids[:, 0] = 1
+    ids, mask = random_tokens(rows, context, vocab, gen)
     row_group = [f"g{r // members}" for r in range(rows)]
     row_relation = [r // members for r in range(rows)]
     # every item also in a second, random group: related non-members exist, as on real data
