@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+MIXES = ("normalized", "legacy")  # model.mix
 
 
 class ConfigError(ValueError):
@@ -37,6 +41,8 @@ class DataConfig:
     min_group: int = 2              # a group is emitted once it has this many buffered members
     buffer_size: int = 2048         # grouping buffer (items); overflow evicts oldest as singletons
     type_weights: str = ""          # "subgroup=2,color=1"; empty = uniform over types present
+    type_quotas: str = ""           # "keyword=2,release=1": at most that many groups of a type per batch
+    hard_batches: bool = False      # build a batch's groups around shared members (rcml/sampler.py)
     strict: bool = False            # raise on the first bad sample instead of skipping and counting
     max_image_pixels: int = 64_000_000  # decompression-bomb guard
 
@@ -46,6 +52,7 @@ class ModelConfig:
     name: str = "tiny"              # tiny | base | path to a model JSON
     mode: str = "rcml"              # rcml | clip (baseline: beta = 1, relation text joined to caption)
     beta: float = 0.3               # e = normalize(beta * global + (1 - beta) * pooled)
+    mix: str = "normalized"         # normalized: global and pooled unit-norm before the mix | legacy: raw vectors
     vision_path: str = ""           # optional local transformers directory (CLIPVisionModel)
     text_path: str = ""             # optional local transformers directory (CLIPTextModel)
 
@@ -54,7 +61,8 @@ class ModelConfig:
 class LossConfig:
     w_inter: float = 1.0
     w_intra: float = 1.0
-    w_cond: float = 0.0             # conditioned contrast term (rcml/conditioned.py); 0 = the paper's objective
+    w_cond: float | None = None     # conditioned contrast term (rcml/conditioned.py); empty = 1 in rcml mode,
+                                    # 0 in clip mode; 0 = the paper's objective
     cond_candidates: int = 32       # items embedded under each relation of a batch for that term
     impl: str = "auto"              # auto | torch | triton | reference
 
@@ -144,6 +152,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null", "auto")):
+            return None
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _coerce(value, inner, where)
     if annotation in (str, "str"):
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {type(value).__name__}")
@@ -199,9 +212,10 @@ def validate(cfg: RunConfig) -> None:
          f"must be auto|torch|triton|reference, got {lo.impl!r}")
     need(lo.w_inter >= 0 and lo.w_intra >= 0, "loss.w_inter/w_intra", "weights must be >= 0")
     need(lo.w_inter + lo.w_intra > 0, "loss.w_inter/w_intra", "at least one weight must be > 0")
-    need(lo.w_cond >= 0, "loss.w_cond", f"must be >= 0, got {lo.w_cond}")
+    need(m.mix in MIXES, "model.mix", f"must be one of {'|'.join(MIXES)}, got {m.mix!r}")
+    need(lo.w_cond is None or lo.w_cond >= 0, "loss.w_cond", f"must be >= 0 (or empty: by mode), got {lo.w_cond}")
     need(lo.cond_candidates >= 2, "loss.cond_candidates", f"must be >= 2, got {lo.cond_candidates}")
-    need(lo.w_cond == 0 or m.mode == "rcml", "loss.w_cond",
+    need(not lo.w_cond or m.mode == "rcml", "loss.w_cond",
          "the conditioned term embeds items under a relation: it needs model.mode=rcml (set loss.w_cond=0)")
     need(t.steps > 0, "train.steps", f"must be > 0, got {t.steps}")
     need(bool(t.out_dir), "train.out_dir", "must not be empty")
@@ -222,10 +236,25 @@ def validate(cfg: RunConfig) -> None:
          "must hold at least one batch (groups_per_batch x members_per_group)")
     need(d.shard_shuffle >= 0 and d.sample_shuffle >= 0, "data.shard_shuffle/sample_shuffle", "must be >= 0")
     need(cfg.eval.negatives >= 1, "eval.negatives", "must be >= 1")
+    from rcml.sampler import parse_type_quotas, parse_type_weights  # torch-free
+
+    for parse, value in ((parse_type_weights, d.type_weights), (parse_type_quotas, d.type_quotas)):
+        try:
+            parse(value)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     if d.weights:
         n_src = len(d.train.split("::"))
         n_w = len(d.weights.split("::"))
         need(n_w == n_src, "data.weights", f"has {n_w} weights for {n_src} '::'-joined sources in data.train")
+
+
+def resolve_defaults(cfg: RunConfig) -> RunConfig:
+    """Fill the values whose default depends on other keys (in place), so that what runs is what
+    ``run_config.yaml`` says: an empty ``loss.w_cond`` is 1 in rcml mode and 0 in the clip baseline."""
+    if cfg.loss.w_cond is None:
+        cfg.loss.w_cond = 1.0 if cfg.model.mode == "rcml" else 0.0
+    return cfg
 
 
 def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None = None,
@@ -244,6 +273,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None
     if overrides:
         _apply(cfg, parse_overrides(overrides))
     validate(cfg)
+    resolve_defaults(cfg)
     if require_data and not cfg.data.train:
         raise ConfigError("data.train: no training shards given (e.g. data.train='shards/train-{000000..000009}.tar')")
     return cfg
@@ -253,7 +283,7 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
     cfg = RunConfig()
     _apply(cfg, d)
     validate(cfg)
-    return cfg
+    return resolve_defaults(cfg)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

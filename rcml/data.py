@@ -209,7 +209,8 @@ def _raw_batches(plan: _Plan, worker: int, num_workers: int) -> Iterator[tuple[l
     cfg = plan.cfg
     counter = SkipCounter(strict=cfg.strict)
     sampler = RelationGroupingSampler(cfg.groups_per_batch, cfg.members_per_group, cfg.min_group, cfg.buffer_size,
-                                      cfg.type_weights, seed=plan.seed, epoch=plan.epoch, rank=plan.rank,
+                                      cfg.type_weights, hard=cfg.hard_batches and plan.train,
+                                      type_quotas=cfg.type_quotas, seed=plan.seed, epoch=plan.epoch, rank=plan.rank,
                                       worker=worker)
     pending, mark = None, {}
     for rows in sampler(_items(plan, worker, num_workers, counter)):

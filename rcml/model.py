@@ -5,7 +5,12 @@ For a row (item i, relation r)::
     r_emb   = text_projection(text tower(relation text r) at its eos)      the relation tower IS the text tower
     global  = visual_projection(CLS of image i)  |  text_projection(eos state of caption i)
     pooled  = RelationPooling_m(tokens of item i, query from r_emb)         (rcml/model_pooling.py)
-    e       = normalize(beta * global + (1 - beta) * pooled)
+    e       = normalize(beta * normalize(global) + (1 - beta) * normalize(pooled))     (mix = "normalized")
+    e       = normalize(beta * global + (1 - beta) * pooled)                           (mix = "legacy")
+
+The normalized mix makes beta the weight it claims to be: the raw global and pooled vectors differ in
+norm (and drift apart during training), so with the legacy mix a beta sweep does not sweep what it says.
+Specs written before ``mix`` existed load as ``legacy``.
 
 With beta = 1, or in the ``clip`` baseline mode (beta forced to 1, relation text joined to the caption
 by the data pipeline), the model is exactly CLIP and has no pooling modules at all.
@@ -33,7 +38,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVi
 
 from rcml import model_towers
 from rcml.batch import Batch
-from rcml.config import ModelConfig
+from rcml.config import MIXES, ModelConfig
 from rcml.model_pooling import ItemFeatures, RelationPooling
 
 SPEC_FORMAT = "rcml-model/1"
@@ -50,6 +55,7 @@ class RCMLModel(nn.Module):
         self._spec = copy.deepcopy(spec)
         self.impl = impl
         self.mode, self.beta = spec["mode"], float(spec["beta"])
+        self.mix = spec.get("mix", "legacy")
         self.eos_id = int(spec["tokenizer"]["eos_id"])
         dim = int(spec["embed_dim"])
         self.vision = model_towers.build_tower(CLIPVisionModel, CLIPVisionConfig.from_dict(spec["vision_config"]))
@@ -150,8 +156,11 @@ class RCMLModel(nn.Module):
             return F.normalize(global_rows.to(dtype), dim=-1)
         if relation_emb is None:
             raise ValueError("this model pools under relations: pass relation_emb from encode_relations")
-        pooled = pool.pool(features, relation_emb, row_item, row_relation, impl=self.impl)  # [B, D]
-        return F.normalize(self.beta * global_rows.to(dtype) + (1.0 - self.beta) * pooled.to(dtype), dim=-1)
+        pooled = pool.pool(features, relation_emb, row_item, row_relation, impl=self.impl).to(dtype)  # [B, D]
+        global_rows = global_rows.to(dtype)
+        if self.mix == "normalized":
+            global_rows, pooled = F.normalize(global_rows, dim=-1), F.normalize(pooled, dim=-1)
+        return F.normalize(self.beta * global_rows + (1.0 - self.beta) * pooled, dim=-1)
 
     def encode_images(self, images: torch.Tensor, relation_emb: torch.Tensor | None, row_item: torch.Tensor,
                       row_relation: torch.Tensor) -> torch.Tensor:
@@ -198,6 +207,8 @@ def _check_spec(spec: dict[str, Any]) -> None:
         raise ValueError(f"model spec lacks {sorted(missing)}")
     if spec["mode"] not in ("rcml", "clip") or not 0.0 <= float(spec["beta"]) <= 1.0:
         raise ValueError(f"model spec: mode must be rcml|clip and beta in [0, 1], got {spec['mode']!r}, {spec['beta']}")
+    if spec.get("mix", "legacy") not in MIXES:
+        raise ValueError(f"model spec: mix must be one of {MIXES}, got {spec['mix']!r}")
 
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id: int, eos_id: int, context_length: int,
@@ -222,6 +233,7 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id: int, 
         "name": cfg.name,
         "mode": cfg.mode,
         "beta": 1.0 if cfg.mode == "clip" else float(cfg.beta),
+        "mix": cfg.mix,
         "embed_dim": int(size["embed_dim"]),
         "pool_heads": int(size["pool_heads"]),
         "image_size": int(image_size),

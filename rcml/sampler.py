@@ -8,6 +8,13 @@ Runs inside each DataLoader worker, after the light decode stage and before any 
   (weighted; default uniform over the types that have a ready group), then a ready group of that type
   (at least ``min_group`` buffered members, not yet used in this batch), and take its ``K`` oldest
   members as rows ``(item, group key, type, the item's own relation text)``;
+- ``hard=True`` (hard batches): after the first group, the next group is drawn from the *frontier*, the
+  ready groups that contain an item already taken into the batch under another relation, so the groups
+  of a batch share members: an item drawn for group g is related under h to the rows drawn for h, a
+  negative of g's rows that no relation-blind embedding can push away. When the frontier has no ready
+  group, the pick falls back to the weighted one above (a new component of the batch);
+- ``type_quotas`` caps the groups per relation type in one batch (``"keyword=2,release=1"``), so that no
+  type dominates the batch (a type at its quota is not picked again in that batch);
 - an emitted item is consumed (it appears in exactly one row). When the groups cannot fill the batch,
   the oldest buffered items are evicted as *singleton* rows under the ``self`` relation (group
   ``self:<item key>``, text ``SELF_TEXT``), so no item is ever dropped;
@@ -44,26 +51,42 @@ def stream_seed(*parts: Any) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def parse_type_weights(spec: str | dict[str, float] | None) -> dict[str, float]:
-    """``"subgroup=2,colour=1"`` -> {"subgroup": 2.0, "colour": 1.0}. Unlisted types keep weight 1."""
+def _parse_type_values(spec: str | dict[str, float] | None, key: str, example: str,
+                       form: str) -> dict[str, float]:
+    """``"subgroup=2,colour=1"`` -> {"subgroup": 2.0, "colour": 1.0}; ``key`` names the setting in errors."""
     if not spec:
         return {}
     if isinstance(spec, dict):
-        weights = {str(k): float(v) for k, v in spec.items()}
+        values = {str(k): float(v) for k, v in spec.items()}
     else:
-        weights = {}
+        values = {}
         for part in spec.split(","):
             name, sep, value = part.partition("=")
             try:
-                weights[name.strip()] = float(value)
+                values[name.strip()] = float(value)
             except ValueError:
-                raise ValueError(f"data.type_weights: {part!r} is not TYPE=WEIGHT (e.g. 'subgroup=2,colour=1')") from None
+                raise ValueError(f"{key}: {part!r} is not {form} (e.g. {example!r})") from None
             if not sep or not name.strip():
-                raise ValueError(f"data.type_weights: {part!r} is not TYPE=WEIGHT (e.g. 'subgroup=2,colour=1')")
-    bad = {k: v for k, v in weights.items() if not v >= 0}
+                raise ValueError(f"{key}: {part!r} is not {form} (e.g. {example!r})")
+    bad = {k: v for k, v in values.items() if not v >= 0}
     if bad:
-        raise ValueError(f"data.type_weights: weights must be >= 0, got {bad}")
-    return weights
+        raise ValueError(f"{key}: values must be >= 0, got {bad}")
+    return values
+
+
+def parse_type_weights(spec: str | dict[str, float] | None) -> dict[str, float]:
+    """``"subgroup=2,colour=1"`` -> {"subgroup": 2.0, "colour": 1.0}. Unlisted types keep weight 1."""
+    return _parse_type_values(spec, "data.type_weights", "subgroup=2,colour=1", "TYPE=WEIGHT")
+
+
+def parse_type_quotas(spec: str | dict[str, int] | None) -> dict[str, int]:
+    """``"keyword=2,release=1"`` -> {"keyword": 2, "release": 1}: at most that many groups of the type per
+    batch. Unlisted types are not capped."""
+    quotas = _parse_type_values(spec, "data.type_quotas", "keyword=2,release=1", "TYPE=GROUPS")
+    bad = {k: v for k, v in quotas.items() if v != int(v)}
+    if bad:
+        raise ValueError(f"data.type_quotas: quotas are whole numbers of groups per batch, got {bad}")
+    return {k: int(v) for k, v in quotas.items()}
 
 
 class _ReadyGroups:
@@ -95,7 +118,8 @@ class _ReadyGroups:
 
 class RelationGroupingSampler:
     def __init__(self, groups_per_batch: int, members_per_group: int, min_group: int = 2, buffer_size: int = 2048,
-                 type_weights: str | dict[str, float] | None = None, *, seed: int = 0, epoch: int = 0,
+                 type_weights: str | dict[str, float] | None = None, *, hard: bool = False,
+                 type_quotas: str | dict[str, int] | None = None, seed: int = 0, epoch: int = 0,
                  rank: int = 0, worker: int = 0) -> None:
         if groups_per_batch < 1 or members_per_group < 1:
             raise ValueError("groups_per_batch and members_per_group must be >= 1")
@@ -106,8 +130,9 @@ class RelationGroupingSampler:
                              f"{groups_per_batch} x {members_per_group} rows")
         self.P, self.K, self.min_group, self.buffer_size = groups_per_batch, members_per_group, min_group, buffer_size
         self.weights = parse_type_weights(type_weights)
+        self.hard, self.quotas = hard, parse_type_quotas(type_quotas)
         self.identity = {"seed": seed, "epoch": epoch, "rank": rank, "worker": worker}
-        self.stats = {"batches": 0, "rows": 0, "grouped_rows": 0, "singleton_rows": 0}
+        self.stats = {"batches": 0, "rows": 0, "grouped_rows": 0, "singleton_rows": 0, "frontier_groups": 0}
         self._resume_at = 0
 
     # ---------------------------------------------------------------------------------- state
@@ -168,8 +193,8 @@ class RelationGroupingSampler:
                 del self._members[group], self._group_type[group]
         return item
 
-    def _pick_type(self) -> str | None:
-        types = self._ready.types()
+    def _pick_type(self, taken: dict[str, int]) -> str | None:
+        types = [t for t in self._ready.types() if taken.get(t, 0) < self.quotas.get(t, self.P)]
         weights = [self.weights.get(t, 1.0) for t in types]
         total = sum(weights)
         if total <= 0:
@@ -177,22 +202,44 @@ class RelationGroupingSampler:
         cumulative = list(accumulate(weights))
         return types[bisect.bisect_right(cumulative, self._rng.random() * total)]
 
+    def _pick_frontier(self, frontier: dict[str, None], taken: dict[str, int]) -> tuple[str, str] | None:
+        """A ready group sharing an item with the batch so far (uniform, type weights and quotas apply)."""
+        for group in [g for g in frontier if g not in self._ready.pos]:
+            del frontier[group]  # used, or no longer enough buffered members: never ready again this batch
+        ready = [(self._group_type[g], g) for g in frontier]
+        ready = [(t, g) for t, g in ready if taken.get(t, 0) < self.quotas.get(t, self.P)
+                 and self.weights.get(t, 1.0) > 0]
+        if not ready:
+            return None
+        return ready[self._rng.randrange(len(ready))]
+
     def _emit(self) -> list[Row]:
         target = self.P * self.K
         rows: list[Row] = []
         used: list[tuple[str, str]] = []
+        taken: dict[str, int] = {}            # type -> groups of that type in this batch (quotas)
+        frontier: dict[str, None] = {}        # groups of the items taken so far (hard batches), ordered
         # a group needs room for at least min_group rows: never a lone "positive" squeezed into the end
         while len(used) < self.P and target - len(rows) >= self.min_group:
-            rtype = self._pick_type()
-            if rtype is None:
-                break
-            keys = self._ready.keys[rtype]
-            group = keys[self._rng.randrange(len(keys))]
+            picked = self._pick_frontier(frontier, taken) if self.hard and rows else None
+            if picked is not None:
+                rtype, group = picked
+                self.stats["frontier_groups"] += 1
+            else:
+                rtype = self._pick_type(taken)
+                if rtype is None:
+                    break
+                keys = self._ready.keys[rtype]
+                group = keys[self._rng.randrange(len(keys))]
             self._ready.remove(rtype, group)  # not twice in one batch
+            frontier.pop(group, None)
             used.append((rtype, group))
+            taken[rtype] = taken.get(rtype, 0) + 1
             take = list(islice(self._members[group], min(self.K, target - len(rows))))
             for seq in take:
                 _, text = self._item_groups[seq][group]
+                if self.hard:
+                    frontier.update(dict.fromkeys(g for g in self._item_groups[seq] if g != group))
                 rows.append(Row(self._consume(seq), group, rtype, text))
         for rtype, group in used:  # groups with enough members left are ready again for the next batch
             if len(self._members.get(group, ())) >= self.min_group:

@@ -31,12 +31,26 @@ def test_overrides_and_yaml_merge(tmp_path):
         ("loss.w_cond=-1", "loss.w_cond"),
         ("loss.cond_candidates=1", "loss.cond_candidates"),
         ("loss.w_cond=1 model.mode=clip", "loss.w_cond"),  # clip mode does not pool under relations
+        ("loss.w_cond=x", "loss.w_cond"),
+        ("model.mix=sum", "model.mix"),
+        ("data.type_quotas=keyword=1.5", "data.type_quotas"),
+        ("data.type_quotas=keyword", "data.type_quotas"),
+        ("data.type_weights=keyword=-1", "data.type_weights"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["data.train=x.tar", *override.split()])
     assert field in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, w_cond", [([], 1.0), (["model.mode=clip"], 0.0), (["loss.w_cond=0"], 0.0),
+                                               (["loss.w_cond=0.5"], 0.5), (["loss.w_cond=auto"], 1.0),
+                                               (["model.mode=clip", "loss.w_cond="], 0.0)])
+def test_conditioned_weight_defaults_by_mode(overrides, w_cond):
+    """An unset loss.w_cond resolves in the config (so run_config.yaml shows what runs): on for rcml, off for clip."""
+    cfg = load_config(None, ["data.train=x.tar", *overrides])
+    assert cfg.loss.w_cond == w_cond and isinstance(cfg.loss.w_cond, float)
 
 
 def test_missing_train_data_is_reported():

@@ -26,9 +26,9 @@ def micro_json(tmp_path_factory):
     return str(path)
 
 
-def make(name, *, mode="rcml", beta=0.3, seed=0, vocab=VOCAB, context=L, image_size=S, **paths):
+def make(name, *, mode="rcml", beta=0.3, seed=0, vocab=VOCAB, context=L, image_size=S, mix="normalized", **paths):
     torch.manual_seed(seed)
-    return build_model(ModelConfig(name=name, mode=mode, beta=beta, **paths), vocab_size=vocab, pad_id=PAD,
+    return build_model(ModelConfig(name=name, mode=mode, beta=beta, mix=mix, **paths), vocab_size=vocab, pad_id=PAD,
                        bos_id=BOS, eos_id=EOS, context_length=context, image_size=image_size)
 
 
@@ -64,7 +64,7 @@ def first_eos_states(model, ids, mask):
     return model.text_projection(hidden[torch.arange(len(pos)), pos]), hidden
 
 
-def naive_pool(pool, tokens, valid, relation_emb, global_emb, beta, row_item, row_relation):
+def naive_pool(pool, tokens, valid, relation_emb, global_emb, beta, row_item, row_relation, mix="normalized"):
     """One row at a time: layer norms, projections, per-head softmax over the item's valid tokens, mix."""
     D, H = relation_emb.shape[1], pool.heads
     out = []
@@ -77,14 +77,19 @@ def naive_pool(pool, tokens, valid, relation_emb, global_emb, beta, row_item, ro
         v = F.linear(x, pool.v_proj.weight, pool.v_proj.bias).view(-1, H, D // H)
         att = torch.softmax(torch.einsum("hd,thd->ht", q, k) / math.sqrt(D // H), dim=-1)
         pooled = F.linear(torch.einsum("ht,thd->hd", att, v).reshape(D), pool.out_proj.weight, pool.out_proj.bias)
-        e = beta * global_emb[i] + (1 - beta) * pooled
+        g = global_emb[i]
+        if mix == "normalized":
+            g, pooled = g / g.norm(), pooled / pooled.norm()
+        e = beta * g + (1 - beta) * pooled
         out.append(e / e.norm())
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("impl,dtype,tol", [("torch", torch.float64, 1e-10), ("triton", torch.float32, 2e-5)])
-def test_relation_pooling_matches_naive_per_row(micro_json, impl, dtype, tol):
-    model = make(micro_json).to(dtype)
+@pytest.mark.parametrize("impl,dtype,tol,mix", [("torch", torch.float64, 1e-10, "normalized"),
+                                                ("torch", torch.float64, 1e-10, "legacy"),
+                                                ("triton", torch.float32, 2e-5, "normalized")])
+def test_relation_pooling_matches_naive_per_row(micro_json, impl, dtype, tol, mix):
+    model = make(micro_json, mix=mix).to(dtype)
     model.impl = impl
     b = batch(seed=1)
     images = b.images.to(dtype)
@@ -97,10 +102,11 @@ def test_relation_pooling_matches_naive_per_row(micro_json, impl, dtype, tol):
         vis = model.vision(pixel_values=images).last_hidden_state
         img_global = model.visual_projection(model.vision.post_layernorm(vis[:, 0]))
         all_valid = torch.ones(vis.shape[:2], dtype=torch.bool)
-        want_img = naive_pool(model.image_pool, vis, all_valid, rel_naive, img_global, 0.3, b.row_item, b.row_relation)
+        want_img = naive_pool(model.image_pool, vis, all_valid, rel_naive, img_global, 0.3, b.row_item, b.row_relation,
+                              mix)
         txt_global, hidden = first_eos_states(model, b.text_ids, b.text_mask)
         want_txt = naive_pool(model.text_pool, hidden, b.text_mask, rel_naive, txt_global, 0.3, b.row_item,
-                              b.row_relation)
+                              b.row_relation, mix)
     torch.testing.assert_close(got_img.to(dtype), want_img, rtol=0, atol=tol)
     torch.testing.assert_close(got_txt.to(dtype), want_txt, rtol=0, atol=tol)
     # forward (one text-tower call for captions + relations) gives the same embeddings.
@@ -225,6 +231,23 @@ def test_spec_round_trip_rebuilds_identical_architecture(micro_json, mode):
         torch.testing.assert_close(rebuilt(x)["image_emb"], model(x)["image_emb"], rtol=0, atol=0)
         torch.testing.assert_close(rebuilt(x)["text_emb"], model(x)["text_emb"], rtol=0, atol=0)
     assert rebuilt.spec == spec
+
+
+def test_spec_without_mix_loads_as_the_legacy_mix(micro_json):
+    """Exports written before model.mix existed keep their embeddings: no key = the raw-vector mix."""
+    legacy = make(micro_json, mix="legacy").eval()
+    old_spec = legacy.spec
+    del old_spec["mix"]
+    old = RCMLModel.from_spec(old_spec).eval()
+    old.load_state_dict(legacy.state_dict())
+    normalized = RCMLModel.from_spec(legacy.spec | {"mix": "normalized"}).eval()
+    normalized.load_state_dict(legacy.state_dict())
+    x = batch(seed=9)
+    with torch.no_grad():
+        torch.testing.assert_close(old(x)["image_emb"], legacy(x)["image_emb"], rtol=0, atol=0)
+        assert (normalized(x)["image_emb"] - legacy(x)["image_emb"]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="mix must be one of"):
+        RCMLModel.from_spec(legacy.spec | {"mix": "sum"})
 
 
 def test_tiny_and_base_sizes():

@@ -137,3 +137,62 @@ def test_rejects_impossible_settings():
         RelationGroupingSampler(4, 2, 3, 64)
     with pytest.raises(ValueError, match="buffer_size"):
         RelationGroupingSampler(4, 4, 2, 15)
+
+
+def _related_negative_fraction(batches, by_key) -> float:
+    """Fraction of in-batch negative pairs (rows drawn for different groups) whose items share a group."""
+    negatives = related = 0
+    for b in batches:
+        groups = [{r["group"] for r in by_key[key].relations} for key, *_ in b]
+        for i, (_, gi, *_) in enumerate(b):
+            for j, (_, gj, *_) in enumerate(b):
+                if i != j and gi != gj:
+                    negatives += 1
+                    related += bool(groups[i] & groups[j])
+    return related / negatives
+
+
+def test_hard_batches_share_members_and_keep_every_item():
+    """hard=True draws the next group from the groups of items already in the batch: every item still
+    appears exactly once, groups keep min_group..K rows, and far more in-batch negatives are related to
+    their anchor under another relation than with independent picks on the same stream."""
+    items = make_items(1201, seed=5, types=("colour", "shape", "size", "material"), values=9)
+    by_key = {it.key: it for it in items}
+    plain = run(RelationGroupingSampler(6, 3, 2, 120, seed=2), items)
+    hard_sampler = RelationGroupingSampler(6, 3, 2, 120, hard=True, seed=2)
+    hard = run(hard_sampler, items)
+    assert sorted(row[0] for b in hard for row in b) == sorted(by_key)
+    for b in hard:
+        groups = Counter(g for _, g, t, _ in b if t != SELF_TYPE)
+        assert len(groups) <= 6 and all(2 <= n <= 3 for n in groups.values()), groups
+    # every group after the first of a batch was picked from the frontier whenever one was ready
+    assert hard_sampler.stats["frontier_groups"] > 0.5 * hard_sampler.stats["batches"] * 5
+    f_plain, f_hard = _related_negative_fraction(plain, by_key), _related_negative_fraction(hard, by_key)
+    print(f"related negative fraction: independent picks {f_plain:.3f}, hard batches {f_hard:.3f}")
+    assert f_hard > 1.1 * f_plain
+    # frontier picks are real: each frontier group shares an item with an earlier group of its batch
+    b = hard[0]
+    seen: set[str] = set()
+    linked = 0
+    for group in dict.fromkeys(g for _, g, t, _ in b if t != SELF_TYPE):
+        members = [by_key[k] for k, g, *_ in b if g == group]
+        if seen:
+            linked += any(group in {r["group"] for r in by_key[k].relations}
+                          for k, g, *_ in b if g in seen)
+        seen.add(group)
+        assert members
+    assert linked >= 1
+    # deterministic, like every other stream
+    assert run(RelationGroupingSampler(6, 3, 2, 120, hard=True, seed=2), items) == hard
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_type_quotas_cap_groups_per_type(hard):
+    items = make_items(800, seed=8, values=4)
+    batches = run(RelationGroupingSampler(6, 3, 2, 90, hard=hard, type_quotas="colour=1,shape=2", seed=3), items)
+    assert sorted(row[0] for b in batches for row in b) == sorted(it.key for it in items)
+    per_type = [Counter(t for _, t in {(g, t) for _, g, t, _ in b}) for b in batches]
+    assert all(c["colour"] <= 1 and c["shape"] <= 2 for c in per_type)
+    assert sum(c["colour"] for c in per_type) > 0.5 * len(batches)  # the capped type is still drawn
+    with pytest.raises(ValueError, match="whole numbers"):
+        RelationGroupingSampler(6, 3, 2, 90, type_quotas="colour=0.5")
