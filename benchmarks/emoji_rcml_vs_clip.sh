@@ -9,12 +9,19 @@
 # `launch/evaluate.py --seed S`: both retrieval protocols (the paper's random negatives and the confusable
 # ones) and the relation-blind baselines on the same plans.
 #
-# Runs: rcml (beta 0.3, the paper's objective), clip (the CLIP baseline mode: relation text joined to the
-# caption, no intra terms), beta_1 (relation-blind embeddings trained with the RCML loss), rcml_cond (rcml
-# plus the conditioned contrast term, loss.w_cond=1). --ablations adds
-# no_cross_sample (every group unique to its item), no_descriptions (one generic text), no_intra, beta_0,
-# beta_0.6. --untrained adds untrained_rcml and untrained_clip: the models at their random
-# initialization (launch/export_init.py), the floor of every learned number.
+# Runs (configs/pretrain/emoji.yaml: hard batches, full-membership positives, normalized mix, context 32,
+# which cuts no caption or relation text of the emoji data):
+#   rcml        beta 0.3 with the conditioned contrast term (loss.w_cond = 1 by default in rcml mode)
+#   clip        the CLIP baseline mode: relation text joined to the caption, no intra terms, context 64 so
+#               that no joined text is cut (at 24 tokens 39% were); same batches and positives
+#   clip_plain  the paper's reduction: clip mode, each row's only positive is its own item
+#   beta_1      relation-blind embeddings (beta 1) trained with the whole RCML loss
+# --ablations adds, each a change of rcml: paper_rcml (the paper's objective and batches: no conditioned
+# term, drawn-for-group positives, independent group picks, legacy mix), no_cond, no_intra, no_hard,
+# no_cross_sample (every group unique to its item; min_group 1 so each row keeps its own relation text),
+# no_descriptions (one generic text per relation type), beta_0, beta_0.6.
+# --untrained adds untrained_rcml and untrained_clip: the models at their random initialization
+# (launch/export_init.py), the floor of every learned number.
 #
 # Output: benchmarks/results/emoji_rcml_vs_clip.json maps run -> split -> report with the mean over the
 # seeds, plus "std" (a report of the same shape: sample standard deviation over seeds), "seeds" and
@@ -23,8 +30,9 @@
 # --no-eval trains only (a later call without it evaluates the existing exports); --dry-run prints the
 # commands only.
 #
-# Environment: EMOJI_STEPS (500), EMOJI_DATA (data/emoji), EMOJI_CACHE (.cache/emoji), EMOJI_RUNS
-# (runs/emoji), EMOJI_PORT (29531), PY, DS. About 13 minutes per trained run and seed on a 2-core CPU.
+# Environment: EMOJI_RUNS_ONLY (a comma-separated subset of the main runs), EMOJI_STEPS (300), EMOJI_DATA
+# (data/emoji), EMOJI_CACHE (.cache/emoji), EMOJI_RUNS (runs/emoji), EMOJI_PORT (29531), PY, DS. About 12
+# minutes per trained run and seed on a 2-core CPU, and 3-5 to evaluate it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,7 +62,7 @@ DS=${DS:-.venv/bin/deepspeed}
 DATA=${EMOJI_DATA:-data/emoji}
 CACHE=${EMOJI_CACHE:-.cache/emoji}
 RUNS=${EMOJI_RUNS:-runs/emoji}
-STEPS=${EMOJI_STEPS:-500}
+STEPS=${EMOJI_STEPS:-300}
 PORT=${EMOJI_PORT:-29531}
 CONFIG=configs/pretrain/emoji.yaml
 RESULT=benchmarks/results/emoji_rcml_vs_clip.json
@@ -82,17 +90,26 @@ pattern() {
 
 # ---------------------------------------------------------------------------------------- runs
 # name | training split ("-" = not trained) | evaluation suffix ("" or "_generic") | overrides
+CLIP_CONTEXT="data.context_length=64"
 RUN_SPECS=(
   "rcml|train||model.mode=rcml"
-  "clip|train||model.mode=clip"
+  "clip|train||model.mode=clip $CLIP_CONTEXT"
   "beta_1|train||model.mode=rcml model.beta=1"
-  "rcml_cond|train||model.mode=rcml loss.w_cond=1"
+  "clip_plain|train||model.mode=clip $CLIP_CONTEXT loss.positives=item"
 )
+if [ -n "${EMOJI_RUNS_ONLY:-}" ]; then  # e.g. EMOJI_RUNS_ONLY=rcml,clip: a subset of the runs above
+  keep=()
+  for spec in "${RUN_SPECS[@]}"; do [[ ",$EMOJI_RUNS_ONLY," == *",${spec%%|*},"* ]] && keep+=("$spec"); done
+  RUN_SPECS=("${keep[@]}")
+fi
 if [ "$ABLATIONS" = 1 ]; then
   RUN_SPECS+=(
-    "no_cross_sample|train_singleton||model.mode=rcml"
-    "no_descriptions|train_generic|_generic|model.mode=rcml"
+    "paper_rcml|train||model.mode=rcml loss.w_cond=0 loss.positives=group data.hard_batches=false data.type_quotas= model.mix=legacy"
+    "no_cond|train||model.mode=rcml loss.w_cond=0"
     "no_intra|train||model.mode=rcml loss.w_intra=0"
+    "no_hard|train||model.mode=rcml data.hard_batches=false"
+    "no_cross_sample|train_singleton||model.mode=rcml data.min_group=1"
+    "no_descriptions|train_generic|_generic|model.mode=rcml"
     "beta_0|train||model.mode=rcml model.beta=0"
     "beta_0.6|train||model.mode=rcml model.beta=0.6"
   )
@@ -100,7 +117,7 @@ fi
 if [ "$UNTRAINED" = 1 ]; then
   RUN_SPECS+=(
     "untrained_rcml|-||model.mode=rcml"
-    "untrained_clip|-||model.mode=clip"
+    "untrained_clip|-||model.mode=clip $CLIP_CONTEXT"
   )
 fi
 

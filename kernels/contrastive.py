@@ -2,7 +2,12 @@
 
 For row i with embedding r_i, columns c_k (k = 1..N), group ids and a scale s::
 
-    row_loss_i = LSE_k (s r_i.c_k) - 1/|P(i)| sum_{k in P(i)} s r_i.c_k,   P(i) = {k : g_k = g_i}
+    row_loss_i = LSE_k (s r_i.c_k) - 1/|P(i)| sum_{k in P(i)} s r_i.c_k,   P(i) = {k : g_i in groups(k)}
+
+A row has one group g_i (the relation it was drawn for); a column has one group (``col_groups`` [N],
+then P(i) = {k : g_k = g_i}) or a *membership* set, ``col_groups`` [N, M]: every group of column k's
+item, padded to M by repeating one of them. Membership makes an item that belongs to the row's group
+under another relation a positive, not a negative.
 
 With ``self_offset`` the column ``self_offset + i`` (row i itself, for the intra-modal terms) is removed
 from both the softmax denominator and the positives. Rows without any positive get loss 0 (and no
@@ -54,9 +59,10 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 def _check_inputs(rows, cols, row_groups, col_groups, scale, self_offset) -> None:
     if rows.dim() != 2 or cols.dim() != 2 or rows.shape[1] != cols.shape[1]:
         raise ValueError(f"rows [b, D] and cols [N, D] must share D, got {tuple(rows.shape)} and {tuple(cols.shape)}")
-    if row_groups.shape != (rows.shape[0],) or col_groups.shape != (cols.shape[0],):
+    if (row_groups.shape != (rows.shape[0],) or col_groups.dim() not in (1, 2)
+            or col_groups.shape[0] != cols.shape[0] or (col_groups.dim() == 2 and col_groups.shape[1] < 1)):
         raise ValueError(
-            f"row_groups [b] / col_groups [N] must match rows / cols, got {tuple(row_groups.shape)} for "
+            f"row_groups [b] / col_groups [N] or [N, M] must match rows / cols, got {tuple(row_groups.shape)} for "
             f"{rows.shape[0]} rows and {tuple(col_groups.shape)} for {cols.shape[0]} cols"
         )
     if row_groups.dtype != torch.int64 or col_groups.dtype != torch.int64:
@@ -94,8 +100,8 @@ def multi_positive_row_loss(
     """Per-row many-to-many contrastive loss (see the module docstring).
 
     rows [b, D], cols [N, D] (fp32, bf16 or fp64; unit norm in practice), row_groups [b] and
-    col_groups [N] int64, scale a 0-d tensor (differentiable). ``self_offset``: rows are
-    ``cols[self_offset : self_offset + b]`` and each row's own column is excluded.
+    col_groups [N] or [N, M] (membership) int64, scale a 0-d tensor (differentiable). ``self_offset``:
+    rows are ``cols[self_offset : self_offset + b]`` and each row's own column is excluded.
     ``chunk_rows`` overrides the row chunk of the torch path (default: contrastive_torch.CHUNK_ELEMS / N).
 
     Returns (row_loss [b] fp32 (fp64 for fp64 inputs), num_pos [b] int64); rows with num_pos == 0
@@ -124,28 +130,31 @@ def multi_positive_pair_loss(
     groups: torch.Tensor,
     scale: torch.Tensor,
     *,
+    members: torch.Tensor | None = None,
     impl: str = "auto",
     chunk_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Both directions over the same N items: a -> b and b -> a, positives ``groups[i] == groups[k]``.
+    """Both directions over the same N items: a -> b and b -> a, positives ``groups[i] in members[k]``.
 
-    a, b [N, D]; groups [N] int64. Returns (loss_ab [N], loss_ba [N], num_pos [N] int64), equal to
-    ``multi_positive_row_loss(a, b, groups, groups, scale)`` and the same with a and b swapped. The torch
-    path shares each logits chunk between the two directions (half the matmul work); the other
-    impls call the row loss twice.
+    a, b [N, D]; groups [N] int64; members [N, M] int64, every group of item k, containing ``groups[k]``
+    (default: ``groups``, one group per item). Returns (loss_ab [N], loss_ba [N], num_pos [N] int64),
+    equal to ``multi_positive_row_loss(a, b, groups, members, scale)`` and the same with a and b swapped.
+    The torch path shares each logits chunk between the two directions (half the matmul work); the
+    other impls call the row loss twice.
     """
-    _check_inputs(a, b, groups, groups, scale, None)
+    members = groups if members is None else members
+    _check_inputs(a, b, groups, members, scale, None)
     if a.shape != b.shape:
         raise ValueError(f"a and b must both be [N, D], got {tuple(a.shape)} and {tuple(b.shape)}")
     impl = resolve_impl(impl, a.device)
     if impl != "torch":
-        loss_ab, num_pos = multi_positive_row_loss(a, b, groups, groups, scale, impl=impl)
-        loss_ba, _ = multi_positive_row_loss(b, a, groups, groups, scale, impl=impl)
+        loss_ab, num_pos = multi_positive_row_loss(a, b, groups, members, scale, impl=impl)
+        loss_ba, _ = multi_positive_row_loss(b, a, groups, members, scale, impl=impl)
         return loss_ab, loss_ba, num_pos
     dtype = _compute_dtype(a, b)
-    _, inv, num_groups = dense_groups(groups[:0], groups)
+    inv, member_inv, num_groups = dense_groups(groups, members)
     chunk = chunk_rows_for(a.shape[0], a.shape[0], chunk_rows, a.device)
-    return PairLoss.apply(a.to(dtype), b.to(dtype), scale.reshape(()).to(dtype), inv, num_groups, chunk)
+    return PairLoss.apply(a.to(dtype), b.to(dtype), scale.reshape(()).to(dtype), inv, member_inv, num_groups, chunk)
 
 
 # ------------------------------------------------------------------------------------ reference
@@ -153,7 +162,8 @@ def _reference(rows, cols, row_groups, col_groups, scale, self_offset):
     """Naive oracle: materializes the [b, N] logits and positive mask."""
     dtype = _compute_dtype(rows, cols)
     logits = scale.to(dtype) * (rows.to(dtype) @ cols.to(dtype).T)  # [b, N]
-    pos = row_groups[:, None] == col_groups[None, :]  # [b, N] bool
+    members = col_groups.reshape(col_groups.shape[0], -1)  # [N, M]
+    pos = (row_groups[:, None, None] == members[None, :, :]).any(-1)  # [b, N] bool
     valid = torch.ones_like(pos)
     if self_offset is not None:
         i = torch.arange(rows.shape[0], device=rows.device)

@@ -2,8 +2,9 @@
 
 Forward, one program per block of BLOCK_M rows: stream the columns in BLOCK_N tiles, each logits tile
 ``s * R_tile @ C_tile^T`` accumulated over D in BLOCK_D slices (fp32), with an online softmax (running
-max and sum) and the positive statistics of the tile (``g_row == g_col`` on int64 ids, self column
-removed): per-row count and sum of positive logits. It writes only lse, count and loss per row.
+max and sum) and the positive statistics of the tile (``g_row`` equal to one of the column's
+``M_GROUPS`` int64 membership ids, self column removed): per-row count and sum of positive logits. It
+writes only lse, count and loss per row.
 
 Backward recomputes the logits tile by tile, as two passes:
   rows pass    (program per row block, loop over column blocks):    dR_i = s sum_k C_ik c_k, ds_i
@@ -93,18 +94,25 @@ def _logits_tile(R, C, offs_m, offs_n, m_mask, n_mask, d, stride_r, stride_c, s,
 
 
 @triton.jit
-def _tile_masks(offs_m, offs_n, m_mask, n_mask, rg, cg, self_offset, HAS_SELF: tl.constexpr):
-    """(valid [M, N]: real column, not the row's own; positive [M, N]: valid and same group)."""
+def _tile_masks(offs_m, offs_n, m_mask, n_mask, rg, CG, self_offset, HAS_SELF: tl.constexpr,
+                M_GROUPS: tl.constexpr):
+    """(valid [M, N]: real column, not the row's own; positive [M, N]: valid and the row's group is one of
+    the column's M_GROUPS membership ids, CG [n, M_GROUPS] row-major)."""
     valid = m_mask[:, None] & n_mask[None, :]
     if HAS_SELF:
         valid = valid & (offs_n[None, :] != offs_m[:, None] + self_offset)
-    return valid, valid & (rg[:, None] == cg[None, :])
+    cg = tl.load(CG + offs_n * M_GROUPS, mask=n_mask, other=0)
+    member = rg[:, None] == cg[None, :]
+    for j in tl.static_range(1, M_GROUPS):
+        cg = tl.load(CG + offs_n * M_GROUPS + j, mask=n_mask, other=0)
+        member = member | (rg[:, None] == cg[None, :])
+    return valid, valid & member
 
 
 @triton.jit
 def _fwd_kernel(R, C, RG, CG, SCALE, LOSS, LSE, CNT, b, n, d, stride_r, stride_c, self_offset,
-                HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                CAST: tl.constexpr, PRECISION: tl.constexpr):
+                HAS_SELF: tl.constexpr, M_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr):
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_mask = offs_m < b
     rg = tl.load(RG + offs_m, mask=m_mask, other=0)  # int64 group ids
@@ -119,8 +127,7 @@ def _fwd_kernel(R, C, RG, CG, SCALE, LOSS, LSE, CNT, b, n, d, stride_r, stride_c
         n_mask = offs_n < n
         z = _logits_tile(R, C, offs_m, offs_n, m_mask, n_mask, d, stride_r, stride_c, s,
                          BLOCK_M, BLOCK_N, BLOCK_D, CAST, PRECISION)
-        cg = tl.load(CG + offs_n, mask=n_mask, other=0)
-        valid, pos = _tile_masks(offs_m, offs_n, m_mask, n_mask, rg, cg, self_offset, HAS_SELF)
+        valid, pos = _tile_masks(offs_m, offs_n, m_mask, n_mask, rg, CG, self_offset, HAS_SELF, M_GROUPS)
         z = tl.where(valid, z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), 1)
@@ -147,8 +154,8 @@ def _coef_tile(z, valid, pos, lse, cnt, g):
 
 @triton.jit
 def _bwd_rows_kernel(R, C, RG, CG, SCALE, LSE, CNT, G, DR, DS, b, n, d, stride_r, stride_c, stride_dr, self_offset,
-                     HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     D_PAD: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr):
+                     HAS_SELF: tl.constexpr, M_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, D_PAD: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr):
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_mask = offs_m < b
     offs_dp = tl.arange(0, D_PAD)
@@ -164,8 +171,7 @@ def _bwd_rows_kernel(R, C, RG, CG, SCALE, LSE, CNT, G, DR, DS, b, n, d, stride_r
         n_mask = offs_n < n
         z = _logits_tile(R, C, offs_m, offs_n, m_mask, n_mask, d, stride_r, stride_c, s,
                          BLOCK_M, BLOCK_N, BLOCK_D, CAST, PRECISION)
-        cg = tl.load(CG + offs_n, mask=n_mask, other=0)
-        valid, pos = _tile_masks(offs_m, offs_n, m_mask, n_mask, rg, cg, self_offset, HAS_SELF)
+        valid, pos = _tile_masks(offs_m, offs_n, m_mask, n_mask, rg, CG, self_offset, HAS_SELF, M_GROUPS)
         coef = _coef_tile(z, valid, pos, lse, cnt, g)  # [M, N] fp32
         c = tl.load(C + offs_n[:, None] * stride_c + offs_dp[None, :], mask=n_mask[:, None] & dp_mask[None, :],
                     other=0.0)  # [N, D_PAD]
@@ -180,13 +186,12 @@ def _bwd_rows_kernel(R, C, RG, CG, SCALE, LSE, CNT, G, DR, DS, b, n, d, stride_r
 
 @triton.jit
 def _bwd_cols_kernel(R, C, RG, CG, SCALE, LSE, CNT, G, DC, b, n, d, stride_r, stride_c, stride_dc, self_offset,
-                     HAS_SELF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     D_PAD: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr):
+                     HAS_SELF: tl.constexpr, M_GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, D_PAD: tl.constexpr, CAST: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     n_mask = offs_n < n
     offs_dp = tl.arange(0, D_PAD)
     dp_mask = offs_dp < d
-    cg = tl.load(CG + offs_n, mask=n_mask, other=0)
     s = tl.load(SCALE).to(tl.float32)
     acc = tl.zeros([BLOCK_N, D_PAD], dtype=tl.float32)  # sum_i coef_ik r_i
     for start_m in range(0, b, BLOCK_M):
@@ -198,7 +203,7 @@ def _bwd_cols_kernel(R, C, RG, CG, SCALE, LSE, CNT, G, DC, b, n, d, stride_r, st
         g = tl.load(G + offs_m, mask=m_mask, other=0.0)
         z = _logits_tile(R, C, offs_m, offs_n, m_mask, n_mask, d, stride_r, stride_c, s,
                          BLOCK_M, BLOCK_N, BLOCK_D, CAST, PRECISION)
-        valid, pos = _tile_masks(offs_m, offs_n, m_mask, n_mask, rg, cg, self_offset, HAS_SELF)
+        valid, pos = _tile_masks(offs_m, offs_n, m_mask, n_mask, rg, CG, self_offset, HAS_SELF, M_GROUPS)
         coef = _coef_tile(z, valid, pos, lse, cnt, g)  # [M, N]
         r = tl.load(R + offs_m[:, None] * stride_r + offs_dp[None, :], mask=m_mask[:, None] & dp_mask[None, :],
                     other=0.0)  # [M, D_PAD]
@@ -229,7 +234,8 @@ class _TritonRowLoss(torch.autograd.Function):
         if b > 0:
             _fwd_kernel[(triton.cdiv(b, cfg.fwd_m),)](
                 rows, cols, row_groups, col_groups, scale, loss, lse, cnt, b, n, d, rows.stride(0), cols.stride(0),
-                self_offset or 0, HAS_SELF=has_self, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=a["BLOCK_D"],
+                self_offset or 0, HAS_SELF=has_self, M_GROUPS=col_groups.shape[1], BLOCK_M=cfg.fwd_m,
+                BLOCK_N=cfg.fwd_n, BLOCK_D=a["BLOCK_D"],
                 CAST=a["CAST"], PRECISION=a["PRECISION"], num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         ctx.save_for_backward(rows, cols, scale, row_groups, col_groups, lse, cnt)
         ctx.self_offset, ctx.cfg = self_offset, cfg
@@ -243,7 +249,8 @@ class _TritonRowLoss(torch.autograd.Function):
         cfg, b, n, d = ctx.cfg, rows.shape[0], cols.shape[0], rows.shape[1]
         g = grad_loss.float().contiguous()  # [b]
         a = _launch_args(rows, cfg)
-        common = dict(HAS_SELF=ctx.self_offset is not None, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n,
+        common = dict(HAS_SELF=ctx.self_offset is not None, M_GROUPS=col_groups.shape[1], BLOCK_M=cfg.bwd_m,
+                      BLOCK_N=cfg.bwd_n,
                       num_warps=cfg.num_warps, num_stages=cfg.num_stages, **a)
         so = ctx.self_offset or 0
         grad_rows = grad_cols = grad_scale = None
@@ -277,4 +284,5 @@ def triton_row_loss(rows, cols, row_groups, col_groups, scale, self_offset=None,
         cfg = replace(cfg, bwd_m=32, bwd_n=32, num_warps=4)
     cfg.check()
     return _TritonRowLoss.apply(rows.contiguous(), cols.contiguous(), scale.reshape(1).contiguous(),
-                                row_groups.contiguous(), col_groups.contiguous(), self_offset, cfg)
+                                row_groups.contiguous(), col_groups.reshape(cols.shape[0], -1).contiguous(),
+                                self_offset, cfg)

@@ -30,6 +30,18 @@ def gather_row_counts(num_rows: int, device: torch.device, group=None) -> list[i
     return [int(c.item()) for c in counts]
 
 
+def gather_row_shapes(num_rows: int, width: int, device: torch.device, group=None) -> tuple[list[int], int]:
+    """(row count of every rank in rank order, the largest ``width`` of any rank): one small all-gather,
+    for ragged per-row sets (e.g. group memberships) that must share one width before a gather."""
+    if not _active(group):
+        return [num_rows], width
+    mine = torch.tensor([num_rows, width], dtype=torch.int64, device=device)
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    shapes = torch.stack(parts).tolist()
+    return [rows for rows, _ in shapes], max(w for _, w in shapes)
+
+
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     if x.shape[0] == rows:
         return x.contiguous()

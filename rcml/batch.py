@@ -30,6 +30,14 @@ def clip_mode_text(caption: str, relation_text: str) -> str:
     return f"{caption} {relation_text}".strip()
 
 
+def member_group_ids(row_groups: list[str], item_groups: list[set[str]]) -> torch.Tensor:
+    """Batch.member_groups: int64 [B, M], row i = its own group first, then the other groups of its item in
+    sorted order (sets of strings iterate in a per-process order), padded by repeating the own group."""
+    rows = [[group_id(g)] + [group_id(h) for h in sorted(groups - {g})] for g, groups in zip(row_groups, item_groups)]
+    width = max([len(r) for r in rows] + [1])
+    return torch.tensor([r + r[:1] * (width - len(r)) for r in rows], dtype=torch.int64).reshape(len(rows), width)
+
+
 def batch_stats(row_groups: list[str], row_types: list[str], item_groups: list[set[str]]) -> dict[str, int]:
     """Counts that say how hard a training batch is (row i = item i), summed over steps and ranks for logging.
 
@@ -63,6 +71,9 @@ class Batch:
     row_item: torch.Tensor        # long [B]
     row_relation: torch.Tensor    # long [B]
     group_ids: torch.Tensor       # int64 [B]
+    # every group of each row's item (hashed; the row's own group included), padded by repeating it: the
+    # loss's full-membership positives. None: an item is only in the group its row was drawn for
+    member_groups: torch.Tensor | None = None   # int64 [B, M]
     # rows of the conditioned contrast term (rcml/conditioned.py), None when loss.w_cond = 0
     cond_item: torch.Tensor | None = None       # long [C] item of each conditioned row
     cond_relation: torch.Tensor | None = None   # long [C] its relation (index into relation_ids)

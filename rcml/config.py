@@ -18,6 +18,7 @@ from typing import Any
 
 
 MIXES = ("normalized", "legacy")  # model.mix
+POSITIVES = ("membership", "group", "item")  # loss.positives
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,8 @@ class LossConfig:
     w_cond: float | None = None     # conditioned contrast term (rcml/conditioned.py); empty = 1 in rcml mode,
                                     # 0 in clip mode; 0 = the paper's objective
     cond_candidates: int = 32       # items embedded under each relation of a batch for that term
+    positives: str = "membership"   # membership: items in the row's group under any relation | group: rows
+                                    # drawn for the same group (the paper) | item: the row's own item (plain CLIP)
     impl: str = "auto"              # auto | torch | triton | reference
 
 
@@ -214,6 +217,7 @@ def validate(cfg: RunConfig) -> None:
     need(lo.w_inter + lo.w_intra > 0, "loss.w_inter/w_intra", "at least one weight must be > 0")
     need(m.mix in MIXES, "model.mix", f"must be one of {'|'.join(MIXES)}, got {m.mix!r}")
     need(lo.w_cond is None or lo.w_cond >= 0, "loss.w_cond", f"must be >= 0 (or empty: by mode), got {lo.w_cond}")
+    need(lo.positives in POSITIVES, "loss.positives", f"must be one of {'|'.join(POSITIVES)}, got {lo.positives!r}")
     need(lo.cond_candidates >= 2, "loss.cond_candidates", f"must be >= 2, got {lo.cond_candidates}")
     need(not lo.w_cond or m.mode == "rcml", "loss.w_cond",
          "the conditioned term embeds items under a relation: it needs model.mode=rcml (set loss.w_cond=0)")

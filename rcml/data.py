@@ -37,7 +37,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from rcml.batch import SELF_RELATION_TYPE, Batch, batch_stats, clip_mode_text, group_id
+from rcml.batch import SELF_RELATION_TYPE, Batch, batch_stats, clip_mode_text, group_id, member_group_ids
 from rcml.conditioned import conditioned_rows
 from rcml.config import DataConfig
 from rcml.decode import SkipCounter, iter_items, load_image
@@ -254,19 +254,20 @@ class GroupedStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.plan, self.tokenizer, self.num_workers, self.start_batch = plan, tokenizer, num_workers, start_batch
         self.transform = ImageTransform(plan.cfg.image_size, plan.train)
-        self._relation_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._relation_cache: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
 
-    def encode_relations(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Relation texts repeat across batches (one text per group and template): encode each once."""
+    def encode_relations(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """Relation texts repeat across batches (one text per group and template): encode each once.
+        -> (ids [R, L], mask [R, L], whether each text was truncated to the context length)."""
         cache, L = self._relation_cache, self.plan.cfg.context_length
         missing = [t for t in texts if t not in cache]
         if missing:
             if len(cache) + len(missing) > 100_000:  # bounded: real datasets can have many distinct texts
                 cache.clear()
-            ids, mask = self.tokenizer.encode(missing, L)
-            cache.update(zip(missing, zip(ids, mask)))
+            ids, mask, cut = self.tokenizer.encode_counting(missing, L)
+            cache.update(zip(missing, zip(ids, mask, cut.tolist())))
         rows = [cache[t] for t in texts]
-        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])  # [R, L] each
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), [r[2] for r in rows]
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -332,8 +333,19 @@ class GroupedStream(torch.utils.data.IterableDataset):
         else:
             texts = [row.item.caption for row in kept]
         L = cfg.context_length
-        text_ids, text_mask = self.tokenizer.encode(texts, L)                    # [I, L]
-        relation_ids, relation_mask = self.encode_relations(list(rel_index))     # [R, L]
+        text_ids, text_mask, text_cut = self.tokenizer.encode_counting(texts, L)  # [I, L]
+        relation_ids, relation_mask, relation_cut = self.encode_relations(list(rel_index))  # [R, L]
+        # what the context length cut: the texts the model reads (clip mode: caption + relation) and, of
+        # those, the rows whose relation wording itself lost tokens (clip: it comes last, so it is cut first)
+        if plan.mode == "clip":
+            caption_len = self.tokenizer.encode_counting([row.item.caption for row in kept], L)[2]
+            relation_lost = int(text_cut.sum())
+            truncation = {"truncated_texts": int(text_cut.sum()), "truncated_relation_rows": relation_lost,
+                          "truncated_captions": int(caption_len.sum())}
+        else:
+            truncation = {"truncated_texts": int(text_cut.sum()),
+                          "truncated_relation_rows": sum(relation_cut[r] for r in row_relation),
+                          "truncated_captions": int(text_cut.sum())}
         n = len(kept)
         row_groups = [row.group for row in kept]
         item_groups = [{rel["group"] for rel in row.item.relations} | {row.group} for row in kept]
@@ -348,9 +360,10 @@ class GroupedStream(torch.utils.data.IterableDataset):
             text_ids=text_ids, text_mask=text_mask, relation_ids=relation_ids, relation_mask=relation_mask,
             row_item=torch.arange(n), row_relation=torch.tensor(row_relation, dtype=torch.long),
             group_ids=torch.tensor([group_id(g) for g in row_groups], dtype=torch.int64),
+            member_groups=member_group_ids(row_groups, item_groups),
             keys=[row.item.key for row in kept], relation_types=[row.type for row in kept],
             skipped=skipped, worker=worker, index=index,
-            stats=batch_stats(row_groups, [row.type for row in kept], item_groups), **cond)
+            stats=batch_stats(row_groups, [row.type for row in kept], item_groups) | truncation, **cond)
 
 
 class _Wire:

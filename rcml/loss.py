@@ -1,13 +1,17 @@
 """The RCML loss: four many-to-many contrastive terms over the rows of the whole world.
 
 Global rows n = 1..N over all ranks, image / text embeddings u_n / t_n (unit norm), scale s, group ids
-g_n, positives P(i) = {k : g_k = g_i} (DESIGN.md section 6)::
+g_n (the relation row n was drawn for), memberships G_n (every group of row n's item, g_n included;
+default {g_n}), positives P(i) = {k : g_i in G_k} (DESIGN.md section 6)::
 
     L_IT = 1/N  sum_i       [LSE_k s u_i.t_k - mean_{k in P(i)} s u_i.t_k]          (L_TI: u <-> t)
     L_II = 1/N' sum_{|P(i)|>1} [LSE_{k!=i} s u_i.u_k - mean_{k in P(i), k!=i} s u_i.u_k]  (L_TT on t)
     L    = w_inter (L_IT + L_TI) / 2 + w_intra (L_II + L_TT) / 2
 
-N' counts the rows (global) with an intra-modal positive; with none the intra terms are 0.
+N' counts the rows (global) with an intra-modal positive; with none the intra terms are 0. Full
+membership makes an item that is in row i's group under another relation (drawn for that one) a
+positive of row i, not a negative; the memberships are gathered with the group ids, padded to the
+largest width of any rank.
 
 Distribution is OpenCLIP's "local loss + gather with grad": each rank scores its own rows against the
 gathered columns (kernels.distributed.all_gather_rows, whose backward reduce-scatters the column
@@ -27,12 +31,14 @@ from __future__ import annotations
 import torch
 
 from kernels.contrastive import multi_positive_pair_loss, multi_positive_row_loss, resolve_impl
-from kernels.distributed import all_gather_rows, all_gather_rows_nograd, gather_row_counts
+from kernels.contrastive_torch import dense_groups
+from kernels.distributed import all_gather_rows, all_gather_rows_nograd, gather_row_shapes
 
 TERMS = ("it", "ti", "ii", "tt")
 
 
-def _check(image_emb: torch.Tensor, text_emb: torch.Tensor, group_ids: torch.Tensor) -> None:
+def _check(image_emb: torch.Tensor, text_emb: torch.Tensor, group_ids: torch.Tensor,
+           member_groups: torch.Tensor | None) -> None:
     if image_emb.dim() != 2 or image_emb.shape != text_emb.shape:
         raise ValueError(
             f"image_emb and text_emb must both be [rows, D], got {tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
@@ -42,15 +48,28 @@ def _check(image_emb: torch.Tensor, text_emb: torch.Tensor, group_ids: torch.Ten
             f"group_ids must be int64 [rows] = [{image_emb.shape[0]}] (rcml.batch.group_id), got "
             f"{group_ids.dtype} {tuple(group_ids.shape)}"
         )
+    if member_groups is not None and (member_groups.dim() != 2 or member_groups.shape[0] != group_ids.shape[0]
+                                      or member_groups.shape[1] < 1 or member_groups.dtype != torch.int64):
+        raise ValueError(f"member_groups must be int64 [rows, M >= 1] = [{group_ids.shape[0]}, M], got "
+                         f"{member_groups.dtype} {tuple(member_groups.shape)}")
     if image_emb.device != text_emb.device or group_ids.device != image_emb.device:
         raise ValueError(f"embeddings and group_ids must be on one device, got {image_emb.device}, "
                          f"{text_emb.device}, {group_ids.device}")
 
 
-def _rows_with_intra_positive(all_groups: torch.Tensor) -> torch.Tensor:
+def _rows_with_intra_positive(all_groups: torch.Tensor, all_members: torch.Tensor) -> torch.Tensor:
     """N': rows whose group has another member anywhere in the world. 0-d int64 tensor (no host sync)."""
-    _, inverse, counts = torch.unique(all_groups, return_inverse=True, return_counts=True)
-    return (counts[inverse] > 1).sum()
+    row_inv, member_inv, num_groups = dense_groups(all_groups, all_members)
+    members_of_group = torch.bincount(member_inv.flatten(), minlength=num_groups)  # [G]
+    own = (member_inv == row_inv[:, None]).any(1)  # a row is a member of its own group (counted once)
+    return (members_of_group[row_inv] - own.long() > 0).sum()
+
+
+def _with_own_group(group_ids: torch.Tensor, member_groups: torch.Tensor | None) -> torch.Tensor:
+    """Memberships [b, M] that contain each row's own group (first), so that a row is its own positive."""
+    if member_groups is None:
+        return group_ids[:, None]
+    return torch.cat([group_ids[:, None], member_groups], 1)
 
 
 def relation_contrastive_loss(
@@ -61,19 +80,22 @@ def relation_contrastive_loss(
     *,
     w_inter: float = 1.0,
     w_intra: float = 1.0,
+    member_groups: torch.Tensor | None = None,
     impl: str = "auto",
     group=None,
 ) -> dict[str, torch.Tensor]:
     """This rank's share of the RCML loss (see the module docstring for the world semantics).
 
     image_emb, text_emb: [b, D] unit-norm embeddings of this rank's rows; group_ids: int64 [b];
+    member_groups: int64 [b, M], every group of each row's item (``Batch.member_groups``; padded by
+    repeating a group; None: each item is only in the group it was drawn for);
     logit_scale: the exp'd scale (0-d tensor, usually a parameter). ``group``: process group
     (default: the world, when torch.distributed is initialized). ``impl``: see kernels.contrastive.
 
     Returns {"loss", "it", "ti", "ii", "tt"}, fp32 0-d tensors (fp64 for fp64 embeddings). A term whose
     weight is 0 is not computed and is reported as 0.
     """
-    _check(image_emb, text_emb, group_ids)
+    _check(image_emb, text_emb, group_ids, member_groups)
     if w_inter < 0 or w_intra < 0:
         raise ValueError(f"loss weights must be >= 0, got w_inter={w_inter}, w_intra={w_intra}")
     device = image_emb.device
@@ -81,7 +103,10 @@ def relation_contrastive_loss(
     dtype = torch.promote_types(torch.float32, image_emb.dtype)  # fp32 (fp64 when checking against an oracle)
     scale = torch.as_tensor(logit_scale, device=device).to(dtype).reshape(())
 
-    counts = gather_row_counts(image_emb.shape[0], device, group)
+    members = _with_own_group(group_ids, member_groups)  # [b, M]
+    counts, width = gather_row_shapes(members.shape[0], members.shape[1], device, group)
+    if members.shape[1] < width:  # pad by repeating the own group: repeats count once
+        members = torch.cat([members, members[:, :1].expand(-1, width - members.shape[1])], 1)
     world, num_rows = len(counts), sum(counts)
     if num_rows == 0:
         raise ValueError("relation_contrastive_loss: the batch has no rows on any rank")
@@ -89,26 +114,28 @@ def relation_contrastive_loss(
     terms = dict.fromkeys(TERMS, zero)
 
     if world == 1:
-        all_groups, offset, u_all, t_all = group_ids, 0, image_emb, text_emb
+        all_groups, all_members, offset, u_all, t_all = group_ids, members, 0, image_emb, text_emb
         if w_inter > 0:
-            it_rows, ti_rows, _ = multi_positive_pair_loss(image_emb, text_emb, group_ids, scale, impl=impl)
+            it_rows, ti_rows, _ = multi_positive_pair_loss(image_emb, text_emb, group_ids, scale, members=members,
+                                                           impl=impl)
             terms["it"], terms["ti"] = it_rows.sum() / num_rows, ti_rows.sum() / num_rows
     else:
         all_groups, offset = all_gather_rows_nograd(group_ids, group=group, counts=counts)
+        all_members, _ = all_gather_rows_nograd(members, group=group, counts=counts)  # [N, M]
         u_all, _ = all_gather_rows(image_emb, group=group, counts=counts)  # [N, D]
         t_all, _ = all_gather_rows(text_emb, group=group, counts=counts)  # [N, D]
         if w_inter > 0:
             # Local rows against all columns; x W so that the mean over ranks is the global mean.
-            it_rows, _ = multi_positive_row_loss(image_emb, t_all, group_ids, all_groups, scale, impl=impl)
-            ti_rows, _ = multi_positive_row_loss(text_emb, u_all, group_ids, all_groups, scale, impl=impl)
+            it_rows, _ = multi_positive_row_loss(image_emb, t_all, group_ids, all_members, scale, impl=impl)
+            ti_rows, _ = multi_positive_row_loss(text_emb, u_all, group_ids, all_members, scale, impl=impl)
             terms["it"], terms["ti"] = it_rows.sum() * (world / num_rows), ti_rows.sum() * (world / num_rows)
 
     if w_intra > 0:
         # Rows without an intra-modal positive have row loss 0, so summing all rows sums over |P(i)| > 1.
-        n_intra = _rows_with_intra_positive(all_groups).clamp(min=1).to(dtype)
-        ii_rows, _ = multi_positive_row_loss(image_emb, u_all, group_ids, all_groups, scale, self_offset=offset,
+        n_intra = _rows_with_intra_positive(all_groups, all_members).clamp(min=1).to(dtype)
+        ii_rows, _ = multi_positive_row_loss(image_emb, u_all, group_ids, all_members, scale, self_offset=offset,
                                              impl=impl)
-        tt_rows, _ = multi_positive_row_loss(text_emb, t_all, group_ids, all_groups, scale, self_offset=offset,
+        tt_rows, _ = multi_positive_row_loss(text_emb, t_all, group_ids, all_members, scale, self_offset=offset,
                                              impl=impl)
         terms["ii"], terms["tt"] = ii_rows.sum() * world / n_intra, tt_rows.sum() * world / n_intra
 

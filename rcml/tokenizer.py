@@ -51,23 +51,30 @@ class TextTokenizer:
 
     def encode(self, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``texts`` -> (ids LongTensor [n, L], mask BoolTensor [n, L]); L = context_length >= 2."""
+        ids, mask, _ = self.encode_counting(texts, context_length)
+        return ids, mask
+
+    def encode_counting(self, texts: list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Like ``encode``, plus which texts lost tokens to the context length: bool ndarray [n]."""
         import torch  # here, not at module level: data_prep.train_tokenizer runs without torch
         if context_length < 2:
             raise ValueError(f"context_length must be >= 2 (bos + eos), got {context_length}")
         n, body = len(texts), context_length - 2
         ids = np.full((n, context_length), self.pad_id, dtype=np.int64)  # [n, L]
         lengths = np.empty(n, dtype=np.int64)
+        truncated = np.zeros(n, dtype=bool)
         # encode_batch_fast skips character offsets (unused here): ~2.5x faster than encode_batch
         encode_batch = self._tok.encode_batch_fast if self._fast else self._tok.encode_batch
         encodings = encode_batch(list(texts), add_special_tokens=False) if n else []
         for row, enc in enumerate(encodings):
             tokens = enc.ids[:body]
+            truncated[row] = len(enc.ids) > body
             ids[row, 0] = self.bos_id
             ids[row, 1:1 + len(tokens)] = tokens
             ids[row, 1 + len(tokens)] = self.eos_id
             lengths[row] = len(tokens) + 2
         mask = np.arange(context_length)[None, :] < lengths[:, None]  # [n, L]
-        return torch.from_numpy(ids), torch.from_numpy(mask)
+        return torch.from_numpy(ids), torch.from_numpy(mask), truncated
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """Token ids -> text, special tokens dropped (for logs and debugging)."""

@@ -23,6 +23,21 @@ def make_case(b, n, d, num_groups, *, self_offset=None, dtype=torch.float64, see
     return rows.to(dtype), cols.to(dtype), rg, col_groups, scale, weights
 
 
+def with_membership(case, extra_groups=3, width=5, seed=0):
+    """The case with [N, width] column membership: each column's own group, up to ``extra_groups`` other
+    groups of the case (so some columns join the rows' groups under another relation), padded by
+    repeating the own group."""
+    rows, cols, rg, cg, scale, w = case
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.unique(torch.cat([cg, rg]))
+    members = cg[:, None].repeat(1, width)
+    for k in range(cg.shape[0]):
+        extra = pool[torch.randint(0, pool.numel(), (int(torch.randint(0, extra_groups + 1, (), generator=g)),),
+                                   generator=g)]
+        members[k, 1 : 1 + extra.numel()] = extra
+    return rows, cols, rg, members, scale, w
+
+
 def run(impl, case, *, self_offset=None, scale_dtype=None, **kw):
     """Forward + backward of sum_i w_i row_loss_i; returns (loss, num_pos, d rows, d cols, d scale), float64."""
     rows, cols, rg, cg, scale, w = case
@@ -72,7 +87,7 @@ def definition_row_loss(rows, cols, rg, cg, s, self_offset):
     out, counts = [], []
     for i in range(rows.shape[0]):
         ks = [k for k in range(cols.shape[0]) if self_offset is None or k != self_offset + i]
-        pos = [k for k in ks if cg[k] == rg[i]]
+        pos = [k for k in ks if int(rg[i]) in set(cg[k].reshape(-1).tolist())]
         counts.append(len(pos))
         if not pos:
             out.append(0.0)
@@ -85,8 +100,10 @@ def definition_row_loss(rows, cols, rg, cg, s, self_offset):
 
 
 @pytest.mark.parametrize("self_offset", [None, 4])
-def test_reference_matches_the_definition(self_offset):
-    rows, cols, rg, cg, s, _ = make_case(9, 23, 13, 4, self_offset=self_offset, seed=1)
+@pytest.mark.parametrize("membership", [False, True])
+def test_reference_matches_the_definition(self_offset, membership):
+    case = make_case(9, 23, 13, 4, self_offset=self_offset, seed=1)
+    rows, cols, rg, cg, s, _ = with_membership(case, seed=2) if membership else case
     loss, num_pos = multi_positive_row_loss(rows, cols, rg, cg, s, self_offset=self_offset, impl="reference")
     want, want_counts = definition_row_loss(rows, cols, rg, cg, s, self_offset)
     assert torch.equal(num_pos, want_counts)
@@ -109,6 +126,26 @@ def test_lean_torch_matches_reference_float64(b, n, d, groups, self_offset, chun
     want = run("reference", case, self_offset=self_offset)
     got = run("torch", case, self_offset=self_offset, chunk_rows=chunk)
     assert_all_close(got, want, 1e-12)
+
+
+@pytest.mark.parametrize("b,n,d,groups,self_offset,chunk", LEAN_CASES)
+def test_lean_torch_membership_matches_reference_float64(b, n, d, groups, self_offset, chunk):
+    """Columns in several groups (full membership): more positives per row, same agreement."""
+    single = make_case(b, n, d, groups + 3, self_offset=self_offset, seed=b * n + 1)
+    case = with_membership(single, seed=b)
+    want = run("reference", case, self_offset=self_offset)
+    got = run("torch", case, self_offset=self_offset, chunk_rows=chunk)
+    assert_all_close(got, want, 1e-12)
+    assert (want[1] > run("reference", single, self_offset=self_offset)[1]).any()  # membership adds positives
+
+
+def test_membership_of_one_group_equals_single_groups():
+    """[N, M] membership that only repeats each column's group is the [N] case, in every face."""
+    case = make_case(12, 31, 10, 5, seed=13)
+    rows, cols, rg, cg, s, w = case
+    wide = (rows, cols, rg, cg[:, None].repeat(1, 4), s, w)
+    for impl in ("reference", "torch"):
+        assert_all_close(run(impl, wide, chunk_rows=None), run(impl, case), 1e-12)
 
 
 @pytest.mark.parametrize("b,n,d,groups,self_offset,chunk", LEAN_CASES)
@@ -154,8 +191,10 @@ def test_rows_with_groups_absent_from_columns_get_zero_loss():
 
 
 @pytest.mark.parametrize("chunk", [6, None])
-def test_pair_loss_equals_two_row_losses(chunk):
-    a, b, groups, _, s, _ = make_case(17, 17, 12, 6, self_offset=0, seed=8)
+@pytest.mark.parametrize("membership", [False, True])
+def test_pair_loss_equals_two_row_losses(chunk, membership):
+    case = make_case(17, 17, 12, 6, self_offset=0, seed=8)
+    a, b, groups, members, s, _ = with_membership(case, seed=9) if membership else case
     b = F.normalize(b + 0.3 * torch.randn_like(b), dim=1)
     wa, wb = torch.randn(17, dtype=torch.float64), torch.randn(17, dtype=torch.float64)
 
@@ -166,11 +205,12 @@ def test_pair_loss_equals_two_row_losses(chunk):
         return lab.detach(), lba.detach(), num_pos, a_.grad, b_.grad, s_.grad
 
     def two_rows(a_, b_, s_):
-        lab, num_pos = multi_positive_row_loss(a_, b_, groups, groups, s_, impl="reference")
-        return lab, multi_positive_row_loss(b_, a_, groups, groups, s_, impl="reference")[0], num_pos
+        lab, num_pos = multi_positive_row_loss(a_, b_, groups, members, s_, impl="reference")
+        return lab, multi_positive_row_loss(b_, a_, groups, members, s_, impl="reference")[0], num_pos
 
     want = grads(two_rows)
-    got = grads(lambda a_, b_, s_: multi_positive_pair_loss(a_, b_, groups, s_, impl="torch", chunk_rows=chunk))
+    got = grads(lambda a_, b_, s_: multi_positive_pair_loss(a_, b_, groups, s_, members=members, impl="torch",
+                                                            chunk_rows=chunk))
     for x, y in zip(got, want):
         assert_close_rel(x.double(), y.double(), 1e-12)
 
@@ -183,6 +223,8 @@ def test_clear_errors_on_bad_input(monkeypatch):
         multi_positive_row_loss(rows, cols[:, :5], rg, cg, s)
     with pytest.raises(ValueError, match="row_groups"):
         multi_positive_row_loss(rows, cols, rg[:3], cg, s)
+    with pytest.raises(ValueError, match="col_groups"):
+        multi_positive_row_loss(rows, cols, rg, cg[:, None, None], s)
     with pytest.raises(ValueError, match="self_offset"):
         multi_positive_row_loss(rows, cols, rg, cg, s, self_offset=7)
     with pytest.raises(ValueError, match="impl"):

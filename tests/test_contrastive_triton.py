@@ -7,7 +7,8 @@ import torch
 
 from kernels.contrastive import multi_positive_row_loss
 from kernels.contrastive_triton import TritonBlocks, blocks
-from tests.test_contrastive import assert_all_close, assert_close_rel, make_case, run, scale_grad_magnitude
+from tests.test_contrastive import (assert_all_close, assert_close_rel, make_case, run, scale_grad_magnitude,
+                                    with_membership)
 
 SMALL = dict(fwd_m=16, fwd_n=16, bwd_m=16, bwd_n=32, block_d=16)  # several tiles on tiny problems
 
@@ -25,6 +26,17 @@ def test_triton_fp32_matches_float64_reference(b, n, d, groups, self_offset):
     want = run("reference", case, self_offset=self_offset)
     if groups == n:  # the singleton case really has rows without positives
         assert (want[1] == 0).sum() > b // 4
+    case32 = (case[0].float(), case[1].float(), *case[2:])
+    with blocks(**SMALL):
+        got = run("triton", case32, self_offset=self_offset)
+    assert_all_close(got, want, 1e-6, scale_grad_magnitude(case, self_offset))
+
+
+@pytest.mark.parametrize("self_offset", [None, 9])
+def test_triton_membership_matches_float64_reference(self_offset):
+    """Columns in several groups ([N, M] membership ids tested in the tile): forward and every gradient."""
+    case = with_membership(make_case(21, 47, 24, 6, self_offset=self_offset, seed=17), seed=3)
+    want = run("reference", case, self_offset=self_offset)
     case32 = (case[0].float(), case[1].float(), *case[2:])
     with blocks(**SMALL):
         got = run("triton", case32, self_offset=self_offset)

@@ -67,6 +67,12 @@ def test_batch_contract(data):
             assert torch.equal(batch.relation_mask[batch.row_relation[i]], mask[0])
             ids, _ = tok.encode([s["caption"]], L)
             assert torch.equal(batch.text_ids[i], ids[0])
+            # full membership: the row's own group first, then every other group of the item, padded by repeats
+            members = batch.member_groups[i].tolist()
+            assert members[0] == batch.group_ids[i].item()
+            assert set(members) == {group_id(r["group"]) for r in rels if r["type"] != "self"} | {members[0]}
+        assert batch.member_groups.dtype == torch.int64 and batch.member_groups.shape[0] == batch.num_rows
+    assert max(b.member_groups.shape[1] for b in out) > 1  # items in several groups exist in this data
     # pixels: eval transform of a 48 px square image = bicubic resize to 32, then CLIP normalization
     i, key = 5, out[1].keys[5]
     ref = np.asarray(samples[key]["image"].resize((S, S), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0
@@ -80,10 +86,19 @@ def test_clip_mode_joins_relation_text(data):
     for a, b in zip(rcml, clip):
         assert a.keys == b.keys and torch.equal(a.group_ids, b.group_ids)
         assert torch.equal(a.relation_ids, b.relation_ids) and torch.equal(a.row_relation, b.row_relation)
+        cut = 0
         for i, key in enumerate(b.keys):
             rel_text = tok.decode(b.relation_ids[b.row_relation[i]])
-            ids, _ = tok.encode([clip_mode_text(samples[key]["caption"], rel_text)], cfg.context_length)
+            ids, _, truncated = tok.encode_counting([clip_mode_text(samples[key]["caption"], rel_text)],
+                                                    cfg.context_length)
             assert torch.equal(b.text_ids[i], ids[0])
+            cut += int(truncated[0])
+        # the joined text is cut at the end, i.e. in the relation wording: counted per batch
+        assert b.stats["truncated_texts"] == b.stats["truncated_relation_rows"] == cut
+    short = batches(replace(cfg, context_length=6), tok, mode="clip")[:2]
+    assert all(b.stats["truncated_relation_rows"] > b.num_rows // 2 for b in short)
+    assert all(b.stats["truncated_relation_rows"] == 0 for b in batches(replace(cfg, context_length=64), tok,
+                                                                        mode="clip")[:2])
 
 
 def test_conditioned_rows_in_batches_follow_full_membership(data):

@@ -48,8 +48,11 @@ def test_encode_matches_reference(trained):
     L = 12
     ids, mask = tok.encode(texts, L)
     assert ids.shape == (5, L) and ids.dtype == torch.long and mask.dtype == torch.bool
+    ids2, mask2, truncated = tok.encode_counting(texts, L)
+    assert torch.equal(ids, ids2) and torch.equal(mask, mask2)
     for row, text in enumerate(texts):
         body = raw.encode(text, add_special_tokens=False).ids
+        assert truncated[row] == (len(body) > L - 2)
         assert tok.unk_id not in body  # byte-level: nothing is unknown
         expected = [1] + body[: L - 2] + [2]
         n = len(expected)
@@ -58,6 +61,7 @@ def test_encode_matches_reference(trained):
         assert (ids[row] == tok.eos_id).sum() == 1  # eos always present, also when truncated
         if len(body) + 2 <= L:  # the saved post-processor adds the same bos/eos (HF-compatible file)
             assert raw.encode(text).ids == expected
+    assert truncated[0] and truncated[3] and not truncated[1]
     assert texts[0].startswith(tok.decode(ids[0]).strip())  # truncated to L - 2 tokens
     assert tok.decode(tok.encode([texts[0]], 64)[0][0]).strip() == texts[0]
     empty_ids, empty_mask = tok.encode([], L)

@@ -20,10 +20,14 @@ def load_open_clip_loss():
     return module
 
 
-def naive_terms(u, t, g, s):
-    """The four terms of DESIGN section 6 from full N x N matrices and a positive mask (float64 oracle)."""
+def naive_terms(u, t, g, s, members=None):
+    """The four terms of DESIGN section 6 from full N x N matrices and a positive mask (float64 oracle).
+    ``members``: one set of group ids per row (its item's groups); positives then are {k : g_i in members[k]}."""
     n = u.shape[0]
-    pos = g[:, None] == g[None, :]
+    if members is None:
+        pos = g[:, None] == g[None, :]
+    else:
+        pos = torch.tensor([[int(g[i]) in members[k] for k in range(n)] for i in range(n)])
     eye = torch.eye(n, dtype=torch.bool)
 
     def term(a, b, intra):
@@ -38,8 +42,8 @@ def naive_terms(u, t, g, s):
     return {"it": term(u, t, False), "ti": term(t, u, False), "ii": term(u, u, True), "tt": term(t, t, True)}
 
 
-def naive_loss(u, t, g, s, w_inter=1.0, w_intra=1.0):
-    terms = naive_terms(u, t, g, s)
+def naive_loss(u, t, g, s, w_inter=1.0, w_intra=1.0, members=None):
+    terms = naive_terms(u, t, g, s, members)
     return {"loss": w_inter * (terms["it"] + terms["ti"]) / 2 + w_intra * (terms["ii"] + terms["tt"]) / 2, **terms}
 
 
@@ -53,6 +57,25 @@ def make_batch(n, d, group_sizes, *, dtype=torch.float64, seed=0):
     g = torch.cat([ids[i].repeat(k) for i, k in enumerate(group_sizes)])[torch.randperm(n, generator=gen)]
     s = torch.tensor(12.0 + torch.rand((), generator=gen).item(), dtype=torch.float64)
     return u.to(dtype), t.to(dtype), g, s
+
+
+def make_members(g, *, max_extra=3, seed=0):
+    """Each row's item in its own group plus 0..max_extra other groups of the batch: list of sets."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.unique(g)
+    out = []
+    for gi in g.tolist():
+        extra = ids[torch.randint(0, ids.numel(), (int(torch.randint(0, max_extra + 1, (), generator=gen)),),
+                                  generator=gen)]
+        out.append({gi, *extra.tolist()})
+    return out
+
+
+def pad_members(members, g):
+    """Sets -> int64 [n, M] (M = the largest set here, at least 1), padded by repeating the row's group."""
+    width = max([len(m) for m in members] + [1])
+    return torch.tensor([sorted(m) + [int(gi)] * (width - len(m)) for m, gi in zip(members, g.tolist())],
+                        dtype=torch.int64).reshape(len(members), width)
 
 
 def loss_and_grads(fn, u, t, g, s):
@@ -84,6 +107,22 @@ def test_loss_matches_naive_float64(grouping, impl):
     check(got, want, 1e-11)
     if grouping == "singletons":
         assert got[0]["ii"] == 0 and got[0]["tt"] == 0
+
+
+@pytest.mark.parametrize("grouping", ["mixed", "singletons"])
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_full_membership_matches_naive_float64(grouping, impl):
+    """Items in several groups: a row's positives are the items whose groups contain the row's group."""
+    u, t, g, s = make_batch(23, 19, GROUPINGS[grouping], seed=11)
+    members = make_members(g, seed=12)
+    want = loss_and_grads(lambda *a: naive_loss(*a, w_inter=0.7, w_intra=1.3, members=members), u, t, g, s)
+    got = loss_and_grads(lambda *a: relation_contrastive_loss(*a, w_inter=0.7, w_intra=1.3, impl=impl,
+                                                              member_groups=pad_members(members, g)), u, t, g, s)
+    check(got, want, 1e-11)
+    rowwise = loss_and_grads(naive_loss, u, t, g, s)[0]
+    assert abs(got[0]["it"] - rowwise["it"]) > 1e-3  # membership changes the loss: it is not ignored
+    if grouping == "singletons":
+        assert got[0]["ii"] > 0  # singleton rows gain intra positives from membership
 
 
 def test_loss_fp32_within_1e6_of_float64():
@@ -125,3 +164,25 @@ def test_float_scale_and_clear_errors():
         relation_contrastive_loss(u[:0], t[:0], g[:0], s)
     with pytest.raises(ValueError, match="impl"):
         relation_contrastive_loss(u, t, g, s, impl="fast")
+    with pytest.raises(ValueError, match="member_groups"):
+        relation_contrastive_loss(u, t, g, s, member_groups=g[:, None].int())
+
+
+def test_loss_positives_setting_selects_the_positive_sets():
+    """loss.positives: membership (the batch's memberships), group (drawn-for group only) or item (own item
+    only, unique over ranks via the item key)."""
+    from rcml.batch import Batch, group_id
+    from rcml.train.trainer import positive_groups
+
+    g = torch.tensor([5, 5, 7], dtype=torch.int64)
+    members = torch.tensor([[5, 7], [5, 5], [7, 5]], dtype=torch.int64)
+    b = Batch(images=torch.zeros(3, 3, 4, 4), text_ids=torch.zeros(3, 2, dtype=torch.long),
+              text_mask=torch.ones(3, 2, dtype=torch.bool), relation_ids=torch.zeros(2, 2, dtype=torch.long),
+              relation_mask=torch.ones(2, 2, dtype=torch.bool), row_item=torch.tensor([0, 1, 2]),
+              row_relation=torch.tensor([0, 0, 1]), group_ids=g, member_groups=members, keys=["a", "b", "c"])
+    ids, m = positive_groups(b, "membership")
+    assert ids is g and m is members
+    ids, m = positive_groups(b, "group")
+    assert ids is g and m is None
+    ids, m = positive_groups(b, "item")
+    assert m is None and ids.tolist() == [group_id("item:" + k) for k in "abc"]

@@ -12,12 +12,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.test_loss import load_open_clip_loss, make_batch, naive_loss
+from tests.test_loss import load_open_clip_loss, make_batch, make_members, naive_loss, pad_members
 
 WORLD = 2
 D = 12
-# name: (rows per rank, group sizes, dtype, impl, w_intra)
+# name: (rows per rank, group sizes, dtype, impl, w_intra); "membership" scenarios give items several groups,
+# with a different membership width on each rank
 SCENARIOS = {
+    "membership": ((7, 10), [4, 1, 3, 1, 2, 5, 1], torch.float64, "torch", 1.0),
+    "membership_triton_fp32": ((9, 6), [4, 1, 2, 5, 3], torch.float32, "triton", 1.0),
     "singletons": ((7, 5), [1] * 12, torch.float64, "torch", 1.0),
     "spanning_unequal": ((6, 9), [4, 3, 5, 1, 2], torch.float64, "torch", 1.0),
     "no_intra_positives_on_a_rank": ((4, 8), [1, 1, 1, 1, 8], torch.float64, "torch", 1.0),
@@ -34,13 +37,18 @@ def _own(x, counts, rank):
     return x[lo : lo + counts[rank]]
 
 
-def _run_scenario(rank, counts, sizes, dtype, impl, w_intra, seed):
+def _run_scenario(rank, name, counts, sizes, dtype, impl, w_intra, seed):
     from rcml.loss import relation_contrastive_loss
 
     u, t, g, s = make_batch(sum(counts), D, sizes, dtype=dtype, seed=seed)
     u_r, t_r = _own(u, counts, rank).clone().requires_grad_(), _own(t, counts, rank).clone().requires_grad_()
     s_r = s.to(dtype).clone().requires_grad_()
-    out = relation_contrastive_loss(u_r, t_r, _own(g, counts, rank), s_r, w_intra=w_intra, impl=impl)
+    members = None
+    if name.startswith("membership"):  # padded to this rank's own width
+        members = pad_members(_own(make_members(g, seed=seed, max_extra=2 + 2 * rank), counts, rank),
+                              _own(g, counts, rank))
+    out = relation_contrastive_loss(u_r, t_r, _own(g, counts, rank), s_r, w_intra=w_intra, impl=impl,
+                                    member_groups=members)
     out["loss"].backward()
     return {"values": {k: v.detach() for k, v in out.items()}, "d_image": u_r.grad, "d_text": t_r.grad,
             "d_scale": s_r.grad}
@@ -83,7 +91,7 @@ def _worker(rank, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        results = {name: _run_scenario(rank, *spec, seed=i) for i, (name, spec) in enumerate(SCENARIOS.items())}
+        results = {name: _run_scenario(rank, name, *spec, seed=i) for i, (name, spec) in enumerate(SCENARIOS.items())}
         results["clip"] = _run_clip(rank)
         results["gather"] = _run_gather(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -105,7 +113,10 @@ def _global(name, seed):
     counts, sizes, dtype, impl, w_intra = SCENARIOS[name]
     u, t, g, s = make_batch(sum(counts), D, sizes, dtype=dtype, seed=seed)
     u, t, s = u.double().requires_grad_(), t.double().requires_grad_(), s.clone().requires_grad_()
-    out = naive_loss(u, t, g, s, w_intra=w_intra)
+    members = None
+    if name.startswith("membership"):  # what each rank passed: rank r drew with max_extra = 2 + 2r
+        members = [m for r in range(WORLD) for m in _own(make_members(g, seed=seed, max_extra=2 + 2 * r), counts, r)]
+    out = naive_loss(u, t, g, s, w_intra=w_intra, members=members)
     out["loss"].backward()
     return {k: v.detach() for k, v in out.items()}, u.grad, t.grad, s.grad
 

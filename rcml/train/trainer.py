@@ -53,6 +53,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def positive_groups(batch, positives: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(group ids [B], memberships [B, M] or None) that define the loss's positives (``loss.positives``)."""
+    if positives == "membership":
+        return batch.group_ids, batch.member_groups
+    if positives == "group":
+        return batch.group_ids, None
+    # item: each row is only its own item's positive (the paper's CLIP baseline), unique across ranks
+    from rcml.batch import group_id
+
+    ids = [group_id("item:" + batch.keys[i]) for i in batch.row_item.tolist()]
+    return torch.tensor(ids, dtype=torch.int64, device=batch.group_ids.device), None
+
+
 def find_tokenizer(cfg: RunConfig) -> Path:
     if cfg.data.tokenizer:
         path = Path(cfg.data.tokenizer)
@@ -181,9 +194,10 @@ class Trainer:
             batch.images = batch.images.to(torch.bfloat16)
         out = self.engine(batch)
         lo = self.cfg.loss
+        group_ids, members = positive_groups(batch, lo.positives)
         losses = relation_contrastive_loss(
-            out["image_emb"].float(), out["text_emb"].float(), batch.group_ids, out["logit_scale"].float(),
-            w_inter=lo.w_inter, w_intra=lo.w_intra, impl=lo.impl,
+            out["image_emb"].float(), out["text_emb"].float(), group_ids, out["logit_scale"].float(),
+            w_inter=lo.w_inter, w_intra=lo.w_intra, member_groups=members, impl=lo.impl,
         )
         losses["cond"] = torch.zeros_like(losses["loss"])
         if lo.w_cond > 0:
@@ -373,9 +387,12 @@ class Trainer:
 
 def batch_metrics(stats: dict[str, int]) -> dict[str, float]:
     """Summed ``rcml.batch.batch_stats`` -> fractions: ``batch/rows_<type>`` (of all rows, ``rows_self`` =
-    singleton fraction), ``batch/related_negative_fraction``, ``batch/member_negative_fraction``."""
+    singleton fraction), ``batch/related_negative_fraction``, ``batch/member_negative_fraction`` (members of
+    the anchor's group drawn for another relation: negatives unless ``loss.positives=membership``), and
+    ``batch/truncated_<texts|relation_rows|captions>`` (rows whose text, relation wording or caption lost
+    tokens to ``data.context_length``)."""
     rows = sum(v for k, v in stats.items() if k.startswith("rows_"))
-    out = {f"batch/{k}": v / rows for k, v in stats.items() if k.startswith("rows_") and rows}
+    out = {f"batch/{k}": v / rows for k, v in stats.items() if k.startswith(("rows_", "truncated_")) and rows}
     if stats.get("negative_pairs"):
         out["batch/related_negative_fraction"] = stats["related_negative_pairs"] / stats["negative_pairs"]
         out["batch/member_negative_fraction"] = stats["member_negative_pairs"] / stats["negative_pairs"]
