@@ -85,3 +85,29 @@ def read_metrics(out_dir: Path) -> list[dict]:
 def read_keys(out_dir: Path, rank: int) -> dict[int, list[str]]:
     lines = (out_dir / f"keys_rank{rank:05d}.jsonl").read_text().splitlines()
     return {r["step"]: r["keys"] for r in map(json.loads, lines)}
+
+
+# ---------------------------------------------------------------------------------------- the reference run
+# tests/test_e2e_train.py and tests/scripts/golden_loss.py run exactly this: the tiny model from scratch on the
+# synthetic shards with configs/zero3.json (AdamW 5e-4, 20 warmup steps, cosine). The tiny CLIP towers sit on
+# the chance plateau (embeddings collapsed, every term at ln(rows)) for the first ~70 steps and then leave it,
+# so the run is long enough to learn: a 20-step run stays at chance and pins nothing about learning.
+REFERENCE_STEPS = 160
+REFERENCE_CKPT = 80  # mid-run checkpoint: the exact-resume test restarts from it
+GOLDEN = REPO / "tests" / "assets" / "golden_tiny_loss.json"
+
+
+def reference_overrides(data: dict[str, str], out_dir: Path) -> list[str]:
+    return overrides_list(data, out_dir, **{"train.steps": str(REFERENCE_STEPS), "train.ckpt_every": str(REFERENCE_CKPT),
+                                            "train.keep_checkpoints": "5"})
+
+
+def below_chance(metrics: list[dict]) -> float:
+    """Mean relative distance of the cross-modal terms below their chance level over ``metrics`` (logged steps).
+
+    With uniform (collapsed) embeddings every logit is equal and L_IT = L_TI = ln(rows) exactly, whatever the
+    positives; a model that learned nothing sits at 0, one that separates its positives is above 0."""
+    import math
+
+    gaps = [1.0 - (m["loss_it"] + m["loss_ti"]) / 2 / math.log(m["rows"]) for m in metrics]
+    return sum(gaps) / len(gaps)

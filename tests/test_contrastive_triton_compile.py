@@ -23,6 +23,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import kernels.contrastive_triton as kt
 
+# Membership ids per column (an item's groups): a static loop in the kernels, so the width is a constexpr.
+M_GROUPS = 4
 out = []
 for dtype in (torch.bfloat16, torch.float32):
     rows = torch.empty(1, 512, dtype=dtype)  # only dtype and D matter for the launch arguments
@@ -35,9 +37,9 @@ for dtype in (torch.bfloat16, torch.float32):
     i32 = dict(b="i32", n="i32", d="i32", stride_r="i32", stride_c="i32")
     fwd = (kt._fwd_kernel, dict(R=ptr, C=ptr, RG="*i64", CG="*i64", SCALE="*fp32", LOSS="*fp32", LSE="*fp32",
                                 CNT="*i32", **i32, self_offset="i32"),
-           dict(HAS_SELF=True, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=a["BLOCK_D"], CAST=False,
+           dict(HAS_SELF=True, M_GROUPS=M_GROUPS, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, BLOCK_D=a["BLOCK_D"], CAST=False,
                 PRECISION=a["PRECISION"]))
-    bwd_c = dict(HAS_SELF=True, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=a["BLOCK_D"], D_PAD=a["D_PAD"],
+    bwd_c = dict(HAS_SELF=True, M_GROUPS=M_GROUPS, BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, BLOCK_D=a["BLOCK_D"], D_PAD=a["D_PAD"],
                  CAST=False, PRECISION=a["PRECISION"])
     rows_k = (kt._bwd_rows_kernel, dict(R=ptr, C=ptr, RG="*i64", CG="*i64", SCALE="*fp32", LSE="*fp32", CNT="*i32",
                                         G="*fp32", DR="*fp32", DS="*fp32", **i32, stride_dr="i32", self_offset="i32"),

@@ -1,8 +1,10 @@
 """End to end through the real `deepspeed` launcher: 2 CPU ranks, ZeRO-3, synthetic shards.
 
-One reference run (20 steps, checkpoint at step 10) feeds several checks: the loss decreases, the
-golden loss curve matches, checkpoint and export are written and load, and an exact resume from the
-step-10 checkpoint reproduces steps 11..20 (losses and sample keys).
+One reference run (tests/_train_utils.py: 160 steps from scratch, checkpoint at step 80) feeds several
+checks: the model learns (its cross-modal terms end well below their chance level ln(rows), which a model
+that does not learn cannot do: see test_a_model_that_does_not_learn_fails_the_check), the golden loss curve
+matches, checkpoint and export are written and load, and an exact resume from the step-80 checkpoint
+reproduces steps 81..160 (losses and sample keys).
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._train_utils import (REPO, build_tiny_dataset, deepspeed_cmd, overrides_list, read_keys, read_metrics,
-                                run)
+from tests._train_utils import (GOLDEN, REFERENCE_CKPT, REPO, REFERENCE_STEPS, below_chance, build_tiny_dataset,
+                                deepspeed_cmd, overrides_list, read_keys, read_metrics, reference_overrides, run)
 
 pytestmark = pytest.mark.slow
 
-GOLDEN = REPO / "tests" / "assets" / "golden_tiny_loss.json"
-STEPS = 20
+STEPS = REFERENCE_STEPS
+# Relative distance below chance of the last 20 steps' cross-modal terms that counts as learning. The
+# reference run reaches 0.13 (tests/scripts/golden_loss.py prints it); a collapsed model is at 0 and the
+# plateau of its first 20 steps at -0.01.
+LEARNED = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -34,23 +39,21 @@ def reference_run(tmp_path_factory, dataset):
     from tests.conftest import free_port
 
     out = tmp_path_factory.mktemp("ref") / "run"
-    ov = overrides_list(dataset, out, **{"train.steps": str(STEPS), "train.ckpt_every": "10",
-                                         "train.keep_checkpoints": "5"})
-    proc = run(deepspeed_cmd(free_port(), "configs/zero3.json", ov))
+    proc = run(deepspeed_cmd(free_port(), "configs/zero3.json", reference_overrides(dataset, out)), timeout=1200)
     return out, proc
 
 
-def test_loss_decreases_and_everything_is_written(reference_run):
+def test_the_model_learns_and_everything_is_written(reference_run):
     out, proc = reference_run
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
-    losses = [m["loss"] for m in metrics]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
     for m in metrics:
-        assert all(k in m for k in ("loss_it", "loss_ti", "loss_ii", "loss_tt", "lr", "samples_per_s", "grad_norm"))
+        assert all(k in m for k in ("loss_it", "loss_ti", "loss_ii", "loss_tt", "lr", "samples_per_s", "grad_norm",
+                                    "rows"))
+    assert below_chance(metrics[-20:]) > LEARNED, [(m["loss_it"], m["rows"]) for m in metrics[-20:]]
     ckpts = out / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "step_00000020"
-    assert (ckpts / "step_00000010" / "COMPLETE").exists()
+    assert (ckpts / "latest").read_text().strip() == f"step_{STEPS:08d}"
+    assert (ckpts / f"step_{REFERENCE_CKPT:08d}" / "COMPLETE").exists()
     assert not list(ckpts.glob(".tmp-*"))
     # the final evaluation and the MLflow store
     reports = sorted((out / "eval").glob("step_*/report.json"))
@@ -81,43 +84,62 @@ def test_export_loads_in_one_process(reference_run, dataset):
 
 
 def test_golden_loss_curve(reference_run):
-    """Losses of the first 20 steps (tiny, seed 0, CPU fp32) against the checked-in curve."""
+    """The reference run against tests/assets/golden_tiny_loss.json (written by tests/scripts/golden_loss.py
+    --export-result, never by this test).
+
+    The first 40 steps are compared tightly: fp32 reductions differ slightly across CPUs and BLAS builds, and
+    a real regression moves the curve by far more than 2e-3. Later steps are chaotic once the model leaves the
+    chance plateau (a 1e-6 difference grows), so there only the mean of the last 20 steps is compared."""
     out, _ = reference_run
-    losses = [m["loss"] for m in read_metrics(out)]
-    if os.environ.get("RCML_UPDATE_GOLDEN") == "1":  # after an intended change of the model, data or loss
-        GOLDEN.write_text(json.dumps({"what": "tests/test_e2e_train.py reference run: tiny, seed 0, 2 CPU ranks, "
-                                              "ZeRO-3 fp32, 16 rows per rank", "loss": losses}, indent=1) + "\n")
-    golden = json.loads(GOLDEN.read_text())
-    assert len(golden["loss"]) == STEPS
-    # fp32 reductions differ slightly across CPUs and BLAS builds; a real regression moves the curve
-    # by far more than this.
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(golden["loss"]), rtol=2e-3, atol=2e-3)
+    losses = torch.tensor([m["loss"] for m in read_metrics(out)])
+    golden = torch.tensor(json.loads(GOLDEN.read_text())["loss"])
+    assert golden.shape == losses.shape == (STEPS,)
+    torch.testing.assert_close(losses[:40], golden[:40], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(losses[-20:].mean(), golden[-20:].mean(), rtol=0.05, atol=0.0)
 
 
-def _start_from_step_10(ref: Path, out: Path) -> None:
-    """A fresh run directory whose only checkpoint is the reference run's step 10."""
+def test_a_model_that_does_not_learn_fails_the_check(reference_run, dataset, tmp_path):
+    """The learning check is not vacuous: the same run with a learning rate of 0 (the model stays at its
+    initialization) and the reference run's own first steps (the chance plateau) both fail it."""
+    from tests.conftest import free_port
+
+    ds = json.loads((REPO / "configs" / "zero3.json").read_text())
+    ds["optimizer"]["params"]["lr"] = 0.0
+    (tmp_path / "lr0.json").write_text(json.dumps(ds))
+    out = tmp_path / "lr0"
+    run(deepspeed_cmd(free_port(), str(tmp_path / "lr0.json"),
+                      overrides_list(dataset, out, **{"train.steps": "20", "data.val": "", "train.export": "false"})))
+    frozen = read_metrics(out)
+    assert abs(below_chance(frozen)) < LEARNED, [(m["loss_it"], m["rows"]) for m in frozen]
+    plateau = read_metrics(reference_run[0])[:20]
+    assert below_chance(plateau) < LEARNED, [(m["loss_it"], m["rows"]) for m in plateau]
+
+
+def _start_from_mid_run(ref: Path, out: Path) -> None:
+    """A fresh run directory whose only checkpoint is the reference run's mid-run one (step REFERENCE_CKPT)."""
+    name = f"step_{REFERENCE_CKPT:08d}"
     (out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ref / "checkpoints" / "step_00000010", out / "checkpoints" / "step_00000010")
-    (out / "checkpoints" / "latest").write_text("step_00000010")
+    shutil.copytree(ref / "checkpoints" / name, out / "checkpoints" / name)
+    (out / "checkpoints" / "latest").write_text(name)
 
 
 def test_exact_resume_from_mid_run_checkpoint(reference_run, dataset, tmp_path):
-    """10 steps + resume + 10 steps == 20 straight steps: same losses (1e-5) and same sample keys."""
+    """80 steps + resume + 80 steps == 160 straight steps: same losses (1e-5) and same sample keys."""
     from tests.conftest import free_port
 
     ref, _ = reference_run
     out = tmp_path / "resumed"
-    _start_from_step_10(ref, out)
-    ov = overrides_list(dataset, out, **{"train.steps": str(STEPS), "train.ckpt_every": "10"})
-    run(deepspeed_cmd(free_port(), "configs/zero3.json", ov, extra_args=("--resume", "latest")))
+    _start_from_mid_run(ref, out)
+    ov = overrides_list(dataset, out, **{"train.steps": str(STEPS), "train.ckpt_every": str(REFERENCE_CKPT)})
+    run(deepspeed_cmd(free_port(), "configs/zero3.json", ov, extra_args=("--resume", "latest")), timeout=1200)
     resumed = {m["step"]: m["loss"] for m in read_metrics(out)}
     straight = {m["step"]: m["loss"] for m in read_metrics(ref)}
-    assert sorted(resumed) == list(range(11, STEPS + 1))
+    assert sorted(resumed) == list(range(REFERENCE_CKPT + 1, STEPS + 1))
     for step, loss in resumed.items():
         assert abs(loss - straight[step]) <= 1e-5 * max(1.0, abs(straight[step])), (step, loss, straight[step])
     for rank in (0, 1):
         ref_keys, res_keys = read_keys(ref, rank), read_keys(out, rank)
-        assert {s: ref_keys[s] for s in range(11, STEPS + 1)} == res_keys
+        assert {s: ref_keys[s] for s in range(REFERENCE_CKPT + 1, STEPS + 1)} == res_keys
 
 
 def test_resume_with_another_world_size_is_refused(reference_run, dataset, tmp_path):
@@ -125,7 +147,7 @@ def test_resume_with_another_world_size_is_refused(reference_run, dataset, tmp_p
 
     ref, _ = reference_run
     out = tmp_path / "one_rank"
-    _start_from_step_10(ref, out)
+    _start_from_mid_run(ref, out)
     ov = overrides_list(dataset, out, **{"train.steps": str(STEPS)})
     with pytest.raises(AssertionError, match="written by 2 ranks, this job has 1"):
         run(deepspeed_cmd(free_port(), "configs/zero3.json", ov, nproc=1, extra_args=("--resume", "latest")),

@@ -234,6 +234,7 @@ class Trainer:
         try:
             while self.step < cfg.train.steps:
                 terms_sum = torch.zeros(len(LOGGED))  # summed over micro-batches
+                step_rows = 0  # this rank's rows in this step (all micro-batches)
                 bad = False
                 step_keys: list[str] = []
                 for _ in range(self.gas):
@@ -242,6 +243,7 @@ class Trainer:
                         self.skipped[reason] = self.skipped.get(reason, 0) + int(n)
                     step_keys.extend(batch.keys)
                     window_rows += batch.num_rows
+                    step_rows += batch.num_rows
                     for name, n in batch.stats.items():
                         window_stats[name] = window_stats.get(name, 0) + int(n)
                     losses = self._forward_loss(batch)
@@ -269,7 +271,7 @@ class Trainer:
                             "(skipped-sample counters) or resume from an earlier checkpoint.")
                 else:
                     consecutive_bad = 0
-                    self._after_step(terms_sum / self.gas, bar, window_rows, window_start, window_stats)
+                    self._after_step(terms_sum / self.gas, bar, window_rows, step_rows, window_start, window_stats)
                     if self.step % cfg.train.log_every == 0:
                         window_rows, window_start, window_stats = 0, time.perf_counter(), {}
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0 and self.step < cfg.train.steps:
@@ -297,7 +299,7 @@ class Trainer:
                 bar.close()
             self.tracker.close(status)
 
-    def _after_step(self, terms: torch.Tensor, bar, window_rows: int, window_start: float,
+    def _after_step(self, terms: torch.Tensor, bar, window_rows: int, step_rows: int, window_start: float,
                     window_stats: dict[str, int]) -> None:
         cfg = self.cfg
         if bar is not None:
@@ -308,13 +310,17 @@ class Trainer:
         t = terms.to(self.world.device)
         dist.all_reduce(t)
         t = (t / self.world.world_size).cpu()
-        rows = torch.tensor([float(window_rows)], device=self.world.device)
+        # [window rows, this step's rows], summed over ranks in one collective
+        rows = torch.tensor([float(window_rows), float(step_rows)], device=self.world.device)
         dist.all_reduce(rows)
+        rows = rows.cpu()
         skipped = sum_counters(self.skipped)
         elapsed = max(time.perf_counter() - window_start, 1e-9)
         metrics = {("loss_" + k if k in ("it", "ti", "ii", "tt", "cond") else k): v.item() for k, v in zip(LOGGED, t)}
         metrics |= {"lr": float(self.engine.get_lr()[0]),
-                   "samples_per_s": rows.item() / elapsed, "epoch": self.epoch,
+                   "samples_per_s": rows[0].item() / elapsed, "epoch": self.epoch,
+                   # global rows of the logged step: the loss terms' chance level is ln(rows) (one micro-batch)
+                   "rows": int(rows[1].item()),
                    "nonfinite_steps": self.nonfinite_total, "skipped_total": sum(skipped.values())}
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None and math.isfinite(float(grad_norm)):
