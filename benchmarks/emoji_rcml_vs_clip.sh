@@ -30,7 +30,8 @@
 # --no-eval trains only (a later call without it evaluates the existing exports); --dry-run prints the
 # commands only.
 #
-# Environment: EMOJI_RUNS_ONLY (a comma-separated subset of the main runs), EMOJI_STEPS (300), EMOJI_DATA
+# Environment: EMOJI_RUNS_ONLY (a comma-separated subset of the main runs; "none" for none), EMOJI_KEEP=1 (add
+# these runs to the ones already in the JSON, which must share their evaluation plans), EMOJI_STEPS (300), EMOJI_DATA
 # (data/emoji), EMOJI_CACHE (.cache/emoji), EMOJI_RUNS (runs/emoji), EMOJI_PORT (29531), PY, DS. About 12
 # minutes per trained run and seed on a 2-core CPU, and 3-5 to evaluate it.
 set -euo pipefail
@@ -166,5 +167,7 @@ done
 stamp "collecting the reports into $RESULT"
 names=()
 for spec in "${RUN_SPECS[@]}"; do names+=("${spec%%|*}"); done
-$PY benchmarks/emoji_summary.py --runs "$RUNS" --out "$RESULT" --seeds "$SEEDS" "${names[@]}"
+keep=()
+[ "${EMOJI_KEEP:-0}" = 1 ] && keep=(--keep-existing)
+$PY benchmarks/emoji_summary.py --runs "$RUNS" --out "$RESULT" --seeds "$SEEDS" "${keep[@]}" "${names[@]}"
 stamp "done: $RESULT"

@@ -1,12 +1,14 @@
 """Collect the emoji benchmark's per-seed reports into one JSON and print the comparison tables.
 
     python benchmarks/emoji_summary.py --runs runs/emoji --out benchmarks/results/emoji_rcml_vs_clip.json \
-        --seeds 0,1,2 rcml clip beta_1 [untrained_rcml ...]
+        --seeds 0,1,2 rcml clip beta_1 [untrained_rcml ...] [--keep-existing]
 
 Reads ``<runs>/<name>/seed_<s>/eval_<split>/report.json`` (written by benchmarks/emoji_rcml_vs_clip.sh)
 and writes ``{name: {split: mean report + {"std": report of sample stds, "seeds": [...]}, "train": [...]}}``.
 The relation-blind baselines inside each report are computed on that report's plan; runs evaluated with
-the same seed share the plan, so their baselines agree (checked here).
+the same seed share the plan, so their baselines agree (checked here). ``--keep-existing`` adds the named
+runs to the runs already in ``--out`` (a named run replaces its old entry); the plan check then covers
+every run in the file, so an entry evaluated on other samples or seeds is refused, not mixed in.
 """
 
 from __future__ import annotations
@@ -100,10 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seeds", required=True, help="comma-separated, e.g. 0,1,2")
+    p.add_argument("--keep-existing", action="store_true",
+                   help="keep the runs already in --out that are not named here (same plans required)")
     p.add_argument("names", nargs="+")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     result = collect(args.runs, args.names, seeds)
+    if args.keep_existing and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        for name, entry in old.items():
+            if name not in result:
+                if entry[SPLITS[0][0]]["seeds"] != seeds:
+                    raise SystemExit(f"{args.out}: {name} was evaluated with seeds {entry[SPLITS[0][0]]['seeds']}, "
+                                     f"not {seeds}: it cannot stand beside these runs")
+                result[name] = entry
+        args.names = list(old) + [n for n in args.names if n not in old]
     check_shared_plans(result, [n for n in args.names if n != "no_descriptions"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(strict_json(result), indent=2, sort_keys=True) + "\n")
