@@ -215,6 +215,8 @@ def validate(cfg: RunConfig) -> None:
          f"must be auto|torch|triton|reference, got {lo.impl!r}")
     need(lo.w_inter >= 0 and lo.w_intra >= 0, "loss.w_inter/w_intra", "weights must be >= 0")
     need(lo.w_inter + lo.w_intra > 0, "loss.w_inter/w_intra", "at least one weight must be > 0")
+    need(m.mode != "clip" or lo.w_inter > 0, "loss.w_inter",
+         "model.mode=clip trains the cross-modal terms only (loss.w_intra is 0 there): must be > 0")
     need(m.mix in MIXES, "model.mix", f"must be one of {'|'.join(MIXES)}, got {m.mix!r}")
     need(lo.w_cond is None or lo.w_cond >= 0, "loss.w_cond", f"must be >= 0 (or empty: by mode), got {lo.w_cond}")
     need(lo.positives in POSITIVES, "loss.positives", f"must be one of {'|'.join(POSITIVES)}, got {lo.positives!r}")
@@ -255,9 +257,13 @@ def validate(cfg: RunConfig) -> None:
 
 def resolve_defaults(cfg: RunConfig) -> RunConfig:
     """Fill the values whose default depends on other keys (in place), so that what runs is what
-    ``run_config.yaml`` says: an empty ``loss.w_cond`` is 1 in rcml mode and 0 in the clip baseline."""
+    ``run_config.yaml`` (and ``--print-config``) says: an empty ``loss.w_cond`` is 1 in rcml mode and 0 in
+    the clip baseline, and the clip baseline has no intra-modal terms (``loss.w_intra`` becomes 0: the
+    paper's CLIP is trained on image-text pairs only, whatever a shared YAML sets)."""
     if cfg.loss.w_cond is None:
         cfg.loss.w_cond = 1.0 if cfg.model.mode == "rcml" else 0.0
+    if cfg.model.mode == "clip":
+        cfg.loss.w_intra = 0.0
     return cfg
 
 

@@ -53,6 +53,24 @@ def test_conditioned_weight_defaults_by_mode(overrides, w_cond):
     assert cfg.loss.w_cond == w_cond and isinstance(cfg.loss.w_cond, float)
 
 
+@pytest.mark.parametrize("overrides, w_intra", [([], 1.0), (["model.mode=clip"], 0.0),
+                                                (["model.mode=clip", "loss.w_intra=0.7"], 0.0),
+                                                (["loss.w_intra=0.7"], 0.7)])
+def test_clip_mode_has_no_intra_terms_in_the_config_itself(overrides, w_intra, tmp_path):
+    """The clip rule lives in the config, so --print-config and run_config.yaml show the weight that runs."""
+    from rcml.config import save_config
+
+    cfg = load_config(None, ["data.train=x.tar", *overrides])
+    assert cfg.loss.w_intra == w_intra
+    save_config(cfg, tmp_path / "run_config.yaml")
+    assert load_config(tmp_path / "run_config.yaml").loss.w_intra == w_intra
+
+
+def test_clip_mode_without_cross_modal_terms_is_refused():
+    with pytest.raises(ConfigError, match="loss.w_inter"):
+        load_config(None, ["data.train=x.tar", "model.mode=clip", "loss.w_inter=0"])
+
+
 def test_missing_train_data_is_reported():
     with pytest.raises(ConfigError, match="data.train"):
         load_config(None, ["train.steps=3"])

@@ -95,9 +95,6 @@ class Trainer:
         if self.world.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        if cfg.model.mode == "clip" and cfg.loss.w_intra != 0:
-            log.info("model.mode=clip: the CLIP baseline has no intra-modal terms; using loss.w_intra=0")
-            cfg.loss.w_intra = 0.0
         self.ds = load_ds_config(ds_config_path, cfg, self.world.world_size)
         self.gas = int(self.ds["gradient_accumulation_steps"])
         self.bf16 = uses_bf16(self.ds)
