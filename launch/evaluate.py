@@ -60,12 +60,9 @@ def log_run(report: dict, out: Path, args: argparse.Namespace) -> str:
 
     from rcml.eval import log_to_mlflow
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
-    mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(args.experiment) is None:
-        location = None if os.environ.get("MLFLOW_TRACKING_URI") else (out / "mlartifacts").resolve().as_uri()
-        mlflow.create_experiment(args.experiment, artifact_location=location)
-    mlflow.set_experiment(args.experiment)
+    from rcml.train.tracking import open_store
+
+    uri = open_store(out, args.experiment)
     with mlflow.start_run(run_name=args.run_name or Path(args.checkpoint).resolve().parent.name) as run:
         mlflow.log_params({"checkpoint": str(Path(args.checkpoint).resolve()), "shards": args.shards,
                            "max_items": args.max_items, "negatives": args.negatives, "seed": args.seed,

@@ -61,6 +61,8 @@ def test_the_model_learns_and_everything_is_written(reference_run):
     hit5 = json.loads(reports[-1].read_text())["retrieval"]["hit@5"]
     assert set(hit5) >= {"TT", "II", "TI", "IT", "AVG"} and all(0.0 <= v <= 1.0 for v in hit5.values())
     assert (out / "mlflow.db").exists()
+    # the embedded store's artifacts stay in the run directory (not <cwd>/mlruns: MLflow 3 exports the URI)
+    assert list((out / "mlartifacts").rglob("run_config.yaml")) and list((out / "mlartifacts").rglob("report.json"))
 
 
 def test_export_loads_in_one_process(reference_run, dataset):

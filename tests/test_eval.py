@@ -3,6 +3,7 @@ naive per-query float64 recomputation, report layout, determinism, report files,
 
 import io
 import json
+import os
 import random
 
 import numpy as np
@@ -361,10 +362,16 @@ def test_cli_on_shards_and_export(tmp_path_factory, tmp_path, tokenizer, monkeyp
     export = write_export(tmp_path / "export", {k: v.clone() for k, v in model.state_dict().items()}, model.spec,
                           tok_path, "seed: 0\n")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     out = tmp_path / "eval"
     rc = main(["--checkpoint", str(export), "--shards", manifest["pattern"], "--out", str(out), "--negatives", "4",
                "--max-items", "21", "--mlflow", "--batch-size", "8"])
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # exported by mlflow.set_tracking_uri inside main()
     assert rc == 0
+    # the embedded store keeps its artifacts beside it, never in <cwd>/mlruns
+    assert not list(cwd.iterdir()) and list((out / "mlartifacts").rglob("report.json"))
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["items"] == 21 and report["mode"] == "rcml" and report["negatives"] == 4
     assert set(report["retrieval_confusable"]["hit@5"]) == set(HIT_COLUMNS) and "baselines" in report

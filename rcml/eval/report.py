@@ -134,6 +134,9 @@ def plot_hits(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
+REPORT_FILES = ("report.json", "report.md", "hits.png")  # what write_report writes
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path) -> Path:
     """report.json, report.md, hits.png in ``out_dir`` (created). Returns ``out_dir``."""
     out = Path(out_dir)
@@ -200,6 +203,10 @@ def log_to_mlflow(report: dict[str, Any], out_dir: str | Path | None = None, ste
     if mlflow.active_run() is None:
         return False
     mlflow.log_metrics(flat_numbers(report, "eval/"), step=step)
-    if out_dir is not None and Path(out_dir).is_dir():
-        mlflow.log_artifacts(str(out_dir), artifact_path="eval")
+    if out_dir is not None:
+        # the files write_report wrote, not the whole directory: launch/evaluate.py keeps its embedded MLflow
+        # store (mlflow.db, mlartifacts/) in the same directory, which would otherwise be copied into itself
+        for name in REPORT_FILES:
+            if (Path(out_dir) / name).is_file():
+                mlflow.log_artifact(str(Path(out_dir) / name), artifact_path="eval")
     return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +29,38 @@ class NullTracker:
     def close(self, status: str = "FINISHED") -> None: ...
 
 
+def open_store(out_dir: Path, experiment: str) -> str:
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` if one is configured, else at the embedded store in ``out_dir``
+    (``mlflow.db``, artifacts in ``mlartifacts/``), and select ``experiment``. Returns the tracking URI.
+
+    Whether a server is configured is decided before ``set_tracking_uri``: MLflow 3 exports the URI it is
+    given to ``MLFLOW_TRACKING_URI``, so reading the environment afterwards always says "configured" and the
+    embedded store's artifacts would go to ``<cwd>/mlruns``."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    out_dir = Path(out_dir).resolve()
+    server = os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = server or f"sqlite:///{out_dir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment, artifact_location=None if server else (out_dir / "mlartifacts").as_uri())
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+def default_run_name(out_dir: Path) -> str:
+    """``<run dir name>-<UTC time>``. MLflow's own generated names come from Python's ``random``, which the
+    trainer seeds before the run starts, so every run of a seed would get the same name."""
+    return f"{Path(out_dir).resolve().name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
 class MlflowTracker(NullTracker):
     def __init__(self, out_dir: Path, experiment: str, run_name: str, resume_run_id: str = "") -> None:
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
 
         self._mlflow = mlflow
-        out_dir = out_dir.resolve()
-        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out_dir / 'mlflow.db'}"
-        mlflow.set_tracking_uri(self.uri)
-        if mlflow.get_experiment_by_name(experiment) is None:
-            artifact_root = None if os.environ.get("MLFLOW_TRACKING_URI") else (out_dir / "mlartifacts").as_uri()
-            mlflow.create_experiment(experiment, artifact_location=artifact_root)
-        mlflow.set_experiment(experiment)
+        self.uri = open_store(out_dir, experiment)
         if resume_run_id:
             try:
                 mlflow.get_run(resume_run_id)
@@ -48,7 +68,8 @@ class MlflowTracker(NullTracker):
                 log.warning("MLflow run %s of the checkpoint is not in %s (a copied checkpoint?): starting a new run",
                             resume_run_id, self.uri)
                 resume_run_id = ""
-        run = mlflow.start_run(run_id=resume_run_id or None, run_name=None if resume_run_id else (run_name or None))
+        run = mlflow.start_run(run_id=resume_run_id or None,
+                               run_name=None if resume_run_id else (run_name or default_run_name(out_dir)))
         self.run_id = run.info.run_id
         log.info("MLflow run %s at %s", self.run_id, self.uri)
 
