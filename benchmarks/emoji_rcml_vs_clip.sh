@@ -140,7 +140,8 @@ for seed in "${SEED_LIST[@]}"; do
       # shellcheck disable=SC2086
       run $DS --num_gpus 2 --master_port "$PORT" launch/pretrain.py --ds_config configs/zero3.json \
         --config "$CONFIG" data.train="$(pattern "$split")" data.tokenizer="$DATA/tokenizer.json" \
-        train.out_dir="$out" train.steps="$STEPS" seed="$seed" tracking.run_name="$name-seed$seed" $overrides
+        train.out_dir="$out" train.steps="$STEPS" seed="$seed" tracking.run_name="$name-seed$seed" \
+        train.overwrite=true $overrides  # (re)training replaces an interrupted or FORCE=1 run
       [ "$DRY" = 1 ] || echo "{\"steps\": $STEPS, \"seed\": $seed, \"split\": \"$split\", \"overrides\": \"$overrides\", \"seconds\": $(( $(date +%s) - start ))}" > "$out/train_summary.json"
     fi
     [ "$EVAL" = 1 ] || continue

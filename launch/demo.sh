@@ -27,7 +27,8 @@ fi
 echo "== pretraining the tiny RCML model: $NPROC CPU ranks, ZeRO-3, $STEPS steps"
 $DS --num_gpus "$NPROC" --master_port "$PORT" launch/pretrain.py --ds_config configs/zero3.json \
   --config configs/pretrain/demo.yaml data.train="$TRAIN" data.val="$VAL" \
-  data.tokenizer="$RUN/data/tokenizer.json" train.out_dir="$RUN/rcml" train.steps="$STEPS"
+  data.tokenizer="$RUN/data/tokenizer.json" train.out_dir="$RUN/rcml" train.steps="$STEPS" \
+  train.overwrite=true  # each demo is a fresh run: replace the previous demo's checkpoints and export
 
 echo "== evaluating the exported model on held-out items"
 $PY launch/evaluate.py --checkpoint "$RUN/rcml/export" --shards "$VAL" --out "$RUN/rcml/eval_final" --max-items 500

@@ -82,6 +82,7 @@ class TrainConfig:
     collective_timeout_s: int = 60  # a dead rank fails the job instead of hanging
     stop_grace_s: int = 90          # after SIGTERM/SIGUSR1: time to reach the next step and checkpoint
     export: bool = True
+    overwrite: bool = False         # a fresh start in an out_dir holding another run deletes that run's files
     record_keys: bool = False       # write each step's item keys to keys_rank*.jsonl (resume audits, tests)
 
 

@@ -154,3 +154,17 @@ def test_resume_with_another_world_size_is_refused(reference_run, dataset, tmp_p
     with pytest.raises(AssertionError, match="written by 2 ranks, this job has 1"):
         run(deepspeed_cmd(free_port(), "configs/zero3.json", ov, nproc=1, extra_args=("--resume", "latest")),
             timeout=300)
+
+
+def test_a_fresh_start_in_a_directory_holding_a_run_is_refused(reference_run, dataset):
+    """Without --resume, a run directory that holds another run is not reused: its checkpoints, latest,
+    metrics and export stay as they were (train.overwrite=true would replace them)."""
+    from tests.conftest import free_port
+
+    ref, _ = reference_run
+    before = {p: p.stat().st_mtime_ns for p in [ref / "metrics.jsonl", ref / "checkpoints" / "latest"]}
+    ov = overrides_list(dataset, ref, **{"train.steps": "2"})
+    with pytest.raises(AssertionError, match="already holds a run"):
+        run(deepspeed_cmd(free_port(), "configs/zero3.json", ov), timeout=300)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert (ref / "export" / "model.safetensors").is_file()

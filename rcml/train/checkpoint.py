@@ -71,12 +71,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def step_of(path: Path) -> int | None:
+    """The step of a ``step_<n>`` directory, None for any other name."""
+    digits = path.name[len("step_"):]
+    return int(digits) if path.name.startswith("step_") and digits.isdigit() else None
+
+
 def published(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, lowest step first (by number: names stop sorting by step past 8 digits)."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / COMPLETE).exists()]
-    return sorted(found, key=lambda p: p.name)
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and step_of(p) is not None and (p / COMPLETE).exists()]
+    return sorted(found, key=step_of)
+
+
+def prunable(ckpt_dir: Path, step: int, keep: int) -> list[Path]:
+    """Checkpoints to delete after publishing ``step``: all but the ``keep`` newest at or below ``step``.
+    Checkpoints beyond ``step`` (left by a run resumed from an earlier checkpoint) are not this run's past:
+    they are kept until this run reaches and re-saves their step."""
+    own = [p for p in published(ckpt_dir) if step_of(p) <= step]
+    return own[:-keep] if keep > 0 else []
 
 
 def resolve(ckpt_dir: Path, which: str) -> Path | None:
@@ -129,7 +143,7 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict[str, Any], extra_fi
         pointer_tmp.write_text(tag)
         os.replace(pointer_tmp, ckpt_dir / LATEST)
         _fsync_dir(ckpt_dir)
-        for old in published(ckpt_dir)[:-keep]:
+        for old in prunable(ckpt_dir, step, keep):
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint %s published", final)
     dist.barrier()

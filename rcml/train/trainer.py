@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from rcml.config import RunConfig, save_config
-from rcml.train import checkpoint
+from rcml.train import checkpoint, run_dir
 from rcml.train.distributed import WorldInfo, all_reduce_max, init_distributed, sum_counters
 from rcml.train.ds_config import load_ds_config, uses_bf16, zero_stage
 from rcml.train.signals import StopRequest
@@ -92,7 +92,13 @@ class Trainer:
         setup_logging(self.world.rank)
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        # all ranks look before any rank writes; the failure, if any, is the same on every rank
+        stale = run_dir.check_fresh_start(self.out_dir, resume, cfg.train.overwrite)
+        dist.barrier()
         if self.world.is_main:
+            if stale:
+                log.warning("train.overwrite=true: removing the earlier run's %s", ", ".join(p.name for p in stale))
+                run_dir.remove(stale)
             self.out_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         self.ds = load_ds_config(ds_config_path, cfg, self.world.world_size)
