@@ -290,9 +290,10 @@ class Trainer:
                     status = "KILLED"
                     return 0
             self.save()
-            self.evaluate()
+            # export before the final evaluation: nothing in an evaluation may cost the trained model
             if cfg.train.export:
                 self.export()
+            self.evaluate()
             return 0
         except BaseException:
             status = "FAILED"
@@ -372,13 +373,18 @@ class Trainer:
                           negatives=self.cfg.eval.negatives, seed=self.cfg.eval.seed)
         module.train()
         if self.world.is_main:
-            out = self.out_dir / "eval" / f"step_{self.step:08d}"
-            write_report(report, out)
-            self.tracker.log_metrics(flat_numbers(report, "eval/"), self.step)
-            self.tracker.log_artifact(out, f"eval/step_{self.step:08d}")
-            for key in ("retrieval", "retrieval_confusable"):
-                log.info("eval step %d: %s Hit@5 %s", self.step, key,
-                         " ".join(f"{k} {v:.3f}" for k, v in report[key]["hit@5"].items()))
+            # rank 0's file work (report, plot, MLflow) must not fail the job: the others already wait at the
+            # barrier below, and the numbers are in the log either way
+            try:
+                for key in ("retrieval", "retrieval_confusable"):
+                    log.info("eval step %d: %s Hit@5 %s", self.step, key,
+                             " ".join(f"{k} {v:.3f}" for k, v in report[key]["hit@5"].items()))
+                out = self.out_dir / "eval" / f"step_{self.step:08d}"
+                write_report(report, out)
+                self.tracker.log_metrics(flat_numbers(report, "eval/"), self.step)
+                self.tracker.log_artifact(out, f"eval/step_{self.step:08d}")
+            except Exception:
+                log.exception("eval step %d: writing or logging the report failed; training goes on", self.step)
         dist.barrier()
         return report
 
