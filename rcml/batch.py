@@ -13,9 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-SELF_RELATION_TYPE = "self"
-
-
 def group_id(key: str) -> int:
     """Hash a group key to a signed int64, identical on every rank, process and platform.
 

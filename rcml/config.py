@@ -290,13 +290,6 @@ def load_config(yaml_path: str | Path | None = None, overrides: list[str] | None
     return cfg
 
 
-def config_from_dict(d: dict[str, Any]) -> RunConfig:
-    cfg = RunConfig()
-    _apply(cfg, d)
-    validate(cfg)
-    return resolve_defaults(cfg)
-
-
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     import yaml
 

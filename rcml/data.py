@@ -37,14 +37,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from rcml.batch import SELF_RELATION_TYPE, Batch, batch_stats, clip_mode_text, group_id, member_group_ids
+from rcml.batch import Batch, batch_stats, clip_mode_text, group_id, member_group_ids
 from rcml.conditioned import conditioned_rows
 from rcml.config import DataConfig
 from rcml.decode import SkipCounter, iter_items, load_image
 from rcml.sampler import SELF_TYPE, RelationGroupingSampler, Row, stream_seed
 
 log = logging.getLogger(__name__)
-assert SELF_TYPE == SELF_RELATION_TYPE
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -42,17 +42,6 @@ class ItemFeatures:
         pick = (lambda t: None if t is None else t[index])
         return ItemFeatures(self.global_emb[index], pick(self.keys), pick(self.values), pick(self.key_valid))
 
-    @staticmethod
-    def cat(parts: list["ItemFeatures"]) -> "ItemFeatures":
-        """Concatenate features computed in chunks (same model, same token count per modality)."""
-        join = (lambda ts: None if ts[0] is None else torch.cat(ts))
-        return ItemFeatures(torch.cat([p.global_emb for p in parts]), join([p.keys for p in parts]),
-                            join([p.values for p in parts]), join([p.key_valid for p in parts]))
-
-    def to(self, device: torch.device | str) -> "ItemFeatures":
-        move = (lambda t: None if t is None else t.to(device))
-        return ItemFeatures(self.global_emb.to(device), move(self.keys), move(self.values), move(self.key_valid))
-
 
 class RelationPooling(nn.Module):
     """Attention pooling of tokens [I, T, token_width] under relation queries, to the joint width D."""

@@ -34,7 +34,7 @@ import random
 from itertools import accumulate, islice
 from typing import Any, Iterable, Iterator, NamedTuple
 
-SELF_TYPE = "self"          # == rcml.batch.SELF_RELATION_TYPE (kept torch-free here; a test checks equality)
+SELF_TYPE = "self"          # relation type of a singleton row (an item that found no group)
 SELF_TEXT = "the same item"  # relation text of a leftover singleton row: neutral, true of every item
 
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from rcml.batch import SELF_RELATION_TYPE
 from rcml.sampler import SELF_TEXT, SELF_TYPE, RelationGroupingSampler, parse_type_weights
 
 
@@ -36,10 +35,6 @@ def make_items(n: int, seed: int = 0, types=("colour", "shape", "size"), values=
 
 def run(sampler, items):
     return [[(r.item.key, r.group, r.type, r.text) for r in batch] for batch in sampler(items)]
-
-
-def test_self_type_matches_batch_contract():
-    assert SELF_TYPE == SELF_RELATION_TYPE
 
 
 @pytest.mark.parametrize("P,K,min_group,buffer", [(4, 3, 2, 40), (5, 4, 3, 21), (3, 2, 1, 6), (7, 5, 2, 200)])
