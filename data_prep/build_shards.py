@@ -1,7 +1,7 @@
 """Build WebDataset shards of relational items.
 
     python -m data_prep.build_shards --items ITEMS --relations RELATIONS --images-root DIR --out OUT \\
-        [--shard-size N] [--workers W] [--seed S] [--strict]
+        [--shard-size N] [--workers W] [--seed S] [--strict] [--max-image-pixels P] [--max-image-bytes B]
 
 One sample per item (DESIGN §3): ``<id>.jpg|png|webp`` (the image), ``<id>.txt`` (caption, UTF-8) and
 ``<id>.json`` (``{"id": ..., "relations": [{"group", "type", "text"}, ...]}``). Items are ordered by their
@@ -11,6 +11,10 @@ group sit in the same or neighbouring shards and a streaming grouping buffer can
 Output in OUT: ``shard-000000.tar``..., ``manifest.json`` (shards with counts, bytes, sha256; relation-type
 and group-size statistics; the brace ``pattern``), ``skip_report.json`` (skipped records by reason, with
 the first examples). The same inputs and seed give byte-identical shards, with any number of workers.
+
+Image paths are read only inside --images-root (after resolving ``..`` and symlinks), only from regular
+files of at most --max-image-bytes: an ITEMS table cannot make the builder embed /etc/passwd, read
+/dev/zero until memory runs out, or wait forever on a FIFO.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
-from data_prep.manifest import (ITEM_COLUMNS, RELATION_COLUMNS, BuildError, ItemRecord, SkipReport, load_image,
-                                read_table, validate_items, validate_relations)
+from data_prep.manifest import (DEFAULT_MAX_IMAGE_BYTES, ITEM_COLUMNS, RELATION_COLUMNS, BuildError, ItemRecord,
+                                SkipReport, load_image, read_table, validate_items, validate_relations)
+from rcml.decode import MAX_MEMBER_BYTES
 
 SHARD_NAME = "shard-{:06d}.tar"
 SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
@@ -56,19 +61,20 @@ def order_by_primary_group(records: list[ItemRecord], relations: dict[str, list[
     return [rec for key in keys for rec in blocks[key]]
 
 
-def _load(rec: ItemRecord, images_root: str | None, max_pixels: int) -> tuple[str, bytes] | tuple[str, str]:
+def _load(rec: ItemRecord, images_root: str | None, max_pixels: int,
+          max_bytes: int) -> tuple[str, bytes] | tuple[str, str]:
     """Worker function: ("ok:<ext>", bytes) or ("<reason>", detail)."""
     try:
-        ext, data = load_image(rec.image, images_root, max_pixels)
+        ext, data = load_image(rec.image, images_root, max_pixels, max_bytes)
         return f"ok:{ext}", data
     except ValueError as exn:
         return exn.args[0], exn.args[1] if len(exn.args) > 1 else ""
 
 
-def _loaded(records: list[ItemRecord], images_root: str | None, max_pixels: int,
+def _loaded(records: list[ItemRecord], images_root: str | None, max_pixels: int, max_bytes: int,
             workers: int) -> Iterator[tuple[ItemRecord, tuple]]:
     """Images in record order, decoded by ``workers`` processes (order, hence output, independent of W)."""
-    fn = partial(_load, images_root=images_root, max_pixels=max_pixels)
+    fn = partial(_load, images_root=images_root, max_pixels=max_pixels, max_bytes=max_bytes)
     if workers <= 1:
         for rec in records:
             yield rec, fn(rec)
@@ -171,7 +177,8 @@ def brace_pattern(out_dir: Path, num_shards: int) -> str:
 
 def build_shards(items: pa.Table | str | Path, relations: pa.Table | str | Path, images_root: str | Path | None,
                  out_dir: str | Path, shard_size: int = 1000, seed: int = 0, strict: bool = False,
-                 workers: int = 1, *, max_image_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True,
+                 workers: int = 1, *, max_image_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, progress: bool = True,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate, order and write the shards; returns the manifest (also written to ``out_dir``).
 
@@ -179,6 +186,9 @@ def build_shards(items: pa.Table | str | Path, relations: pa.Table | str | Path,
     """
     if shard_size < 1:
         raise BuildError(f"shard_size must be >= 1, got {shard_size}")
+    if not 1 <= max_image_bytes <= MAX_MEMBER_BYTES:  # larger members would be skipped by every reader
+        raise BuildError(f"max_image_bytes must be between 1 and {MAX_MEMBER_BYTES} (the shard reader's member "
+                         f"limit), got {max_image_bytes}")
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     report = SkipReport(strict=strict)
@@ -197,7 +207,7 @@ def build_shards(items: pa.Table | str | Path, relations: pa.Table | str | Path,
     root = None if images_root is None else str(images_root)
     bar = tqdm(total=len(ordered), desc=f"shards {out.name}", unit="item", disable=not progress, file=sys.stderr)
     try:
-        for rec, (status, payload) in _loaded(ordered, root, max_image_pixels, workers):
+        for rec, (status, payload) in _loaded(ordered, root, max_image_pixels, max_image_bytes, workers):
             bar.update(1)
             if not status.startswith("ok:"):
                 report.skip(status, "ITEMS", rec.row, rec.id, payload)
@@ -260,13 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="processes decoding images (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the group order (default 0)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping it")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images with more pixels (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--max-image-bytes", type=int, default=DEFAULT_MAX_IMAGE_BYTES,
+                   help=f"refuse image files (or inline images) larger than this (default {DEFAULT_MAX_IMAGE_BYTES}, "
+                        "64 MiB)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     try:
         manifest = build_shards(args.items, args.relations, args.images_root, args.out, args.shard_size, args.seed,
                                 args.strict, args.workers, max_image_pixels=args.max_image_pixels,
-                                progress=not args.no_progress)
+                                max_image_bytes=args.max_image_bytes, progress=not args.no_progress)
     except BuildError as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 1

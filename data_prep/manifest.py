@@ -11,6 +11,8 @@ names are a public interface. Extra columns are ignored. Every rejected record i
 from __future__ import annotations
 
 import io
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,9 @@ RELATION_COLUMNS = ("id", "group", "type", "text")
 # to PNG. Anything else (EPS, PDF, ...) is refused: some Pillow plug-ins run external programs.
 STORED_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 CONVERTED_FORMATS = ("GIF", "BMP", "TIFF")
+# An encoded image larger than this is refused before it is read: far above any real image, far below the
+# reader's per-member limit (rcml.decode.MAX_MEMBER_BYTES, 256 MiB), and it bounds what a worker holds.
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20
 
 # Why a record is skipped (keys of skip_report.json "counts").
 REASONS = {
@@ -31,7 +36,10 @@ REASONS = {
     "invalid_id": "id contains '.', '/', '\\\\' or whitespace (WebDataset splits keys at the first dot)",
     "duplicate_id": "a second ITEMS row with an id already seen (the first one is kept)",
     "empty_caption": "caption is empty",
-    "missing_image": "no image value, or the file does not exist under --images-root",
+    "missing_image": "no image value, the file does not exist or cannot be read, or a path without --images-root",
+    "image_outside_root": "the path resolves (after '..', an absolute path, symlinks) outside --images-root",
+    "image_not_a_file": "the path is not a regular file (a directory, FIFO, socket or device such as /dev/zero)",
+    "image_file_too_large": "the encoded image is larger than --max-image-bytes (default 64 MiB)",
     "undecodable_image": "the image does not decode (corrupt, truncated or an unsupported format)",
     "image_too_large": "more pixels than --max-image-pixels (decompression-bomb guard)",
     "unknown_item": "RELATIONS row naming an id that is not in ITEMS",
@@ -184,9 +192,75 @@ def validate_relations(table: pa.Table, items: dict[str, ItemRecord], all_item_i
 
 
 # ------------------------------------------------------------------------------------------ images
-def load_image(image: str | bytes, images_root: str | Path | None, max_pixels: int) -> tuple[str, bytes]:
+def resolve_image_path(image: str, images_root: str | Path) -> str:
+    """The real path of ``image`` (relative to ``images_root``), which must lie inside the real root.
+
+    Both are resolved (``..``, symlinks; an absolute ``image`` replaces the root in the join), so a table
+    cannot make the builder read -- and embed in shards -- a file outside the directory it was given.
+    Raises ValueError(reason, detail).
+    """
+    try:
+        root = os.path.realpath(images_root)
+        path = os.path.realpath(os.path.join(root, image))
+    except (OSError, ValueError) as exn:  # e.g. an embedded NUL byte, a symlink loop on some platforms
+        raise ValueError("missing_image", f"path {image!r}: {exn}") from None
+    if not _inside(path, root):
+        raise ValueError("image_outside_root", f"path {image!r} resolves to {path}, outside {root}")
+    return path
+
+
+def _inside(path: str, root: str) -> bool:
+    try:
+        return os.path.commonpath([root, path]) == root
+    except ValueError:  # Windows: different drives
+        return False
+
+
+# O_NONBLOCK: opening a FIFO does not wait for a writer; O_NOFOLLOW: the resolved final component must not
+# have become a symlink; O_NOCTTY: a terminal never becomes ours. Each is 0 where the platform lacks it.
+_OPEN_FLAGS = os.O_RDONLY
+for _name in ("O_NONBLOCK", "O_NOFOLLOW", "O_NOCTTY", "O_CLOEXEC", "O_BINARY"):
+    _OPEN_FLAGS |= getattr(os, _name, 0)
+del _name
+
+
+def _check_file(st: os.stat_result, path: str, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("image_not_a_file", f"{path} is not a regular file (mode {stat.filemode(st.st_mode)})")
+    if st.st_size > max_bytes:
+        raise ValueError("image_file_too_large", f"{path}: {st.st_size} bytes > limit {max_bytes}")
+
+
+def read_image_file(path: str, max_bytes: int) -> bytes:
+    """Read a regular file of at most ``max_bytes``. Raises ValueError(reason, detail).
+
+    The type is checked before opening, so a device or FIFO is never opened (opening some devices has
+    side effects; a FIFO blocks until a writer comes), and again on the opened descriptor, in case the path
+    was swapped in between (see _OPEN_FLAGS). The read stops at ``max_bytes + 1`` whatever the size said
+    (a file that grows after the check).
+    """
+    try:
+        _check_file(os.stat(path), path, max_bytes)
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exn:
+        raise ValueError("missing_image", f"{path}: {exn.strerror or exn}") from None
+    try:
+        with open(fd, "rb", closefd=True) as f:
+            _check_file(os.fstat(f.fileno()), path, max_bytes)
+            data = f.read(max_bytes + 1)
+    except OSError as exn:
+        raise ValueError("missing_image", f"{path}: {exn.strerror or exn}") from None
+    if len(data) > max_bytes:
+        raise ValueError("image_file_too_large", f"{path}: more than {max_bytes} bytes")
+    return data
+
+
+def load_image(image: str | bytes, images_root: str | Path | None, max_pixels: int,
+               max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> tuple[str, bytes]:
     """Read and fully decode one image -> (extension, bytes to store).
 
+    A path is only read inside ``images_root``, from a regular file of at most ``max_bytes``; a path with
+    no root is refused (nothing to confine it to). Inline bytes obey the same size limit.
     JPEG/PNG/WebP bytes are stored unchanged (byte-identical shards, no quality loss); GIF/BMP/TIFF are
     re-encoded to PNG. Raises ValueError(reason, detail) with a reason of ``REASONS``.
     """
@@ -195,13 +269,11 @@ def load_image(image: str | bytes, images_root: str | Path | None, max_pixels: i
     if isinstance(image, str):
         if images_root is None:
             raise ValueError("missing_image", f"path {image!r} given but no --images-root")
-        path = Path(images_root) / image
-        try:
-            data = path.read_bytes()
-        except OSError as exn:
-            raise ValueError("missing_image", f"{path}: {exn.strerror or exn}") from None
+        data = read_image_file(resolve_image_path(image, images_root), max_bytes)
     else:
         data = bytes(image)
+        if len(data) > max_bytes:
+            raise ValueError("image_file_too_large", f"inline image of {len(data)} bytes > limit {max_bytes}")
     try:
         with Image.open(io.BytesIO(data), formats=tuple(STORED_FORMATS) + CONVERTED_FORMATS) as img:
             width, height = img.size

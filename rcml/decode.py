@@ -6,6 +6,10 @@ runs), ``txt`` (strict UTF-8) and ``json`` (``json.loads``). A sample with any o
 ``.pyd``/``.pickle`` that WebDataset's default decoders would unpickle, for instance -- is skipped whole
 as ``unexpected_member`` and its bytes are never interpreted.
 
+Every string that leaves this module is valid Unicode (encodable as UTF-8): ``json.loads`` accepts lone
+surrogate escapes (``"\\udc80"``) and tarfile maps non-UTF-8 name bytes to lone surrogates, and such a
+string would only fail much later (hashing a group id, tokenizing), far from the shard that holds it.
+
 Reading is split in two so that resuming can replay a stream cheaply:
 
 - ``iter_tar_samples`` + ``parse_sample`` (the *light* stage, before grouping): tar members -> ``Item``
@@ -40,6 +44,7 @@ REASONS = {
     "duplicate_member": "two members of one sample have the same extension",
     "member_too_large": "a member larger than MAX_MEMBER_BYTES (not read into memory)",
     "unexpected_member": "a member other than image/txt/json (e.g. .pyd/.pickle); never decoded",
+    "non_utf8_name": "a member name (hence the sample key) is not valid UTF-8",
     "missing_image": "no jpg/jpeg/png/webp member",
     "corrupt_image": "the image bytes do not decode as JPEG/PNG/WebP",
     "image_too_large": "more pixels than the limit (decompression-bomb guard)",
@@ -48,6 +53,7 @@ REASONS = {
     "empty_txt": "the caption is empty",
     "missing_json": "no json member (relations)",
     "invalid_json": "the json member does not parse",
+    "non_utf8_json": "a string in the json (key or value) is not valid Unicode, e.g. a lone surrogate \\udc80",
     "invalid_relations": "json parses but 'relations' is not a list of {group, type, text} strings",
 }
 
@@ -121,18 +127,50 @@ def _split_name(name: str) -> tuple[str | None, str]:
     return name[:dot], name[dot + 1:].lower()
 
 
+def is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (what ``json.loads`` makes of ``"\\udc80"``, and tarfile
+    of a name byte that is not UTF-8): Python accepts it as a str, but it cannot be encoded."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def first_non_unicode(obj: Any) -> str | None:
+    """The first string (dict key or value, at any depth) of a parsed json that is not valid Unicode, else None.
+
+    Iterative: ``json.loads`` accepts nesting close to the recursion limit, a recursive walk would not.
+    """
+    stack = [obj]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if not is_unicode(node):
+                return node
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
 def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
     """Group consecutive tar members by key: ``{"__key__", "__url__", ext: bytes, ...}``.
 
     A tar that ends early (an interrupted copy, a bad disk) loses the sample being read when the data
     stops; that sample is counted as ``truncated_tar`` -- also when the cut falls exactly between two
     members, which Python's tarfile would otherwise take for a clean end of archive.
+
+    Names are decoded as UTF-8 whatever the locale (the shard format says UTF-8); a name that is not
+    (tarfile's ``surrogateescape`` keeps its bytes as lone surrogates) marks its sample ``non_utf8_name``.
     """
     stream = _open_url(url)
     current: dict[str, Any] | None = None
     try:
         try:
-            tf = tarfile.open(fileobj=stream, mode="r|*")
+            tf = tarfile.open(fileobj=stream, mode="r|*", encoding="utf-8", errors="surrogateescape")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exn:
             counter.skip("truncated_tar", url, "", f"cannot open as a tar: {exn}")
             return
@@ -156,6 +194,8 @@ def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]
                     if len(data) != info.size:
                         raise tarfile.ReadError(f"member {info.name} is truncated")
                 tf.members = []  # stream mode keeps every TarInfo otherwise: memory grows with the shard
+                if not is_unicode(info.name):
+                    error = error or ("non_utf8_name", f"member {ascii(info.name)}")
                 if ext in current:
                     error = error or ("duplicate_member", f"two .{ext} members")
                 if error is not None:
@@ -251,6 +291,10 @@ def parse_sample(sample: dict[str, Any], counter: SkipCounter, max_pixels: int) 
         meta = json.loads(sample["json"])
     except (ValueError, RecursionError) as exn:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         counter.skip("invalid_json", url, key, str(exn)[:200])
+        return None
+    bad_text = first_non_unicode(meta)
+    if bad_text is not None:
+        counter.skip("non_utf8_json", url, key, f"string {ascii(bad_text)[:200]}")
         return None
     relations = parse_relations(meta)
     if relations is None:

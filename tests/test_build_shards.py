@@ -3,12 +3,16 @@ group locality, manifest."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import braceexpand
@@ -19,7 +23,7 @@ import pytest
 from PIL import Image
 
 from data_prep.build_shards import build_shards
-from data_prep.manifest import BuildError
+from data_prep.manifest import DEFAULT_MAX_IMAGE_BYTES, BuildError, load_image
 from rcml.data import iter_samples
 from rcml.decode import SkipCounter
 
@@ -206,3 +210,116 @@ def test_cli(tmp_path):
     assert "duplicate_id 1" in proc.stdout and "skip_report.json" in proc.stdout
     proc = subprocess.run(cmd + ["--strict"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "duplicate_id" in proc.stderr and "item003" in proc.stderr
+
+
+# ------------------------------------------------------------------------ image paths are confined
+class DeadlineExceeded(Exception):
+    """Not an OSError (as TimeoutError is), so a reader's ``except OSError`` cannot swallow it."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """Fail instead of hanging (the builder used to block forever opening a FIFO)."""
+    def expired(signum, frame):
+        raise DeadlineExceeded(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _confinement_inputs(tmp_path: Path):
+    """A root with good images and one record per way of reaching outside it or a non-file.
+
+    Returns (root, ITEMS, RELATIONS, {good id: image bytes}, expected skip counts, bytes that must not be
+    embedded)."""
+    root, outside = tmp_path / "root", tmp_path / "outside.png"
+    (root / "sub").mkdir(parents=True)
+    good = {"good": _image("PNG", seed=1), "good_abs": _image("PNG", seed=2), "good_link": _image("JPEG", seed=3)}
+    (root / "good.png").write_bytes(good["good"])
+    (root / "good_abs.png").write_bytes(good["good_abs"])
+    (root / "sub" / "real.jpg").write_bytes(good["good_link"])
+    (root / "alias.jpg").symlink_to(root / "sub" / "real.jpg")   # a symlink that stays inside: fine
+    secret = _image("PNG", seed=9)                               # a valid image: the old builder embedded it
+    outside.write_bytes(secret)
+    (root / "link.png").symlink_to(outside)
+    (root / "zero.png").symlink_to("/dev/zero")
+    os.mkfifo(root / "pipe.png")
+    with open(root / "big.png", "wb") as f:                      # sparse: no disk used
+        f.truncate(DEFAULT_MAX_IMAGE_BYTES + 1)
+    images = {"good": "good.png", "good_abs": str(root / "good_abs.png"), "good_link": "alias.jpg",
+              "dotdot": "../outside.png", "dotdot_deep": "sub/../../outside.png", "absolute": str(outside),
+              "link": "link.png", "devzero": "/dev/zero", "devzero_link": "zero.png",
+              "fifo": "pipe.png", "directory": "sub", "sparse": "big.png"}
+    expected = {"image_outside_root": 6, "image_not_a_file": 2, "image_file_too_large": 1, "item_skipped": 9}
+    ids = list(images)
+    items = pa.table({"id": ids, "caption": [f"caption {i}" for i in ids], "image": [images[i] for i in ids]})
+    rels = pa.table({"id": ids, "group": ["g"] * len(ids), "type": ["t"] * len(ids), "text": ["same"] * len(ids)})
+    return root, items, rels, good, expected, secret
+
+
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs, /dev/zero and symlinks")
+def test_images_are_read_only_from_regular_files_inside_the_root(tmp_path):
+    root, items, rels, good, expected, secret = _confinement_inputs(tmp_path)
+    out = tmp_path / "out"
+    with _deadline(60):
+        manifest = build_shards(items, rels, root, out, progress=False)
+    assert manifest["skipped"] == expected
+    report = json.loads((out / "skip_report.json").read_text())
+    assert report["counts"] == expected
+    details = {e["id"]: e["detail"] for reason in expected if reason != "item_skipped"
+               for e in report["examples"][reason]}
+    assert "outside.png" in details["dotdot"] and str(root) in details["dotdot"]
+    assert "not a regular file" in details["fifo"] and str(DEFAULT_MAX_IMAGE_BYTES) in details["sparse"]
+    # only the good images, byte for byte; the outside file is nowhere in the shards
+    embedded = {}
+    for url in braceexpand.braceexpand(manifest["pattern"]):
+        with tarfile.open(url) as tf:
+            for m in tf.getmembers():
+                if not m.name.endswith((".txt", ".json")):
+                    embedded[m.name.split(".")[0]] = tf.extractfile(m).read()
+        assert secret not in Path(url).read_bytes()
+    assert embedded == good
+
+    # the device itself, inside its own root, is refused by type (not read until memory runs out)
+    for name in ("zero", "null"):
+        with pytest.raises(ValueError) as exn:
+            load_image(name, "/dev", MAX_PIXELS)
+        assert exn.value.args[0] == "image_not_a_file"
+    with pytest.raises(ValueError, match="image_file_too_large"):  # inline bytes obey the same cap
+        load_image(good["good"], None, MAX_PIXELS, max_bytes=len(good["good"]) - 1)
+    with pytest.raises(ValueError, match="missing_image"):          # a path with no root to confine it to
+        load_image("good.png", None, MAX_PIXELS)
+    with pytest.raises(ValueError, match="missing_image"):
+        load_image("good\0.png", root, MAX_PIXELS)
+
+    with _deadline(60), pytest.raises(BuildError, match=r"ITEMS row 3 \(id 'dotdot'\): image_outside_root"):
+        build_shards(items, rels, root, tmp_path / "strict", strict=True, progress=False)
+
+
+def test_cli_max_image_bytes(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    big, small = _image("PNG", size=(64, 64)), _image("PNG", size=(2, 2))
+    (root / "big.png").write_bytes(big)
+    (root / "small.png").write_bytes(small)
+    pq.write_table(pa.table({"id": ["big", "small"], "caption": ["b", "s"], "image": ["big.png", "small.png"]}),
+                   tmp_path / "items.parquet")
+    pq.write_table(pa.table({"id": ["big", "small"], "group": ["g", "g"], "type": ["t", "t"], "text": ["x", "x"]}),
+                   tmp_path / "rels.parquet")
+    cmd = [sys.executable, "-m", "data_prep.build_shards", "--items", str(tmp_path / "items.parquet"),
+           "--relations", str(tmp_path / "rels.parquet"), "--images-root", str(root), "--out", str(tmp_path / "o"),
+           "--no-progress", "--max-image-bytes", str(len(small))]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 1 items" in proc.stdout and "image_file_too_large 1" in proc.stdout
+    report = json.loads((tmp_path / "o" / "skip_report.json").read_text())
+    assert report["counts"] == {"image_file_too_large": 1, "item_skipped": 1}
+    proc = subprocess.run(cmd + ["--strict"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "(id 'big'): image_file_too_large" in proc.stderr
+    proc = subprocess.run(cmd[:-1] + ["0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "max_image_bytes must be between 1 and" in proc.stderr

@@ -31,7 +31,9 @@ def good_members(key: str, rng: random.Random) -> list[tuple[str, bytes]]:
 def write_tar(path: Path, samples: list[list[tuple[str, bytes]]]) -> list[int]:
     """Write members in order; returns the tar offset where each sample's first header starts."""
     starts = []
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+    # surrogateescape: a name holding a lone surrogate ("k\udcff") is written as the byte it stands for
+    # (0xff), i.e. a name that is not UTF-8, as a foreign tool could write it
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tf:
         for members in samples:
             starts.append(tf.offset)
             for name, data in members:
@@ -219,3 +221,83 @@ def test_offline_tools_do_not_need_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# Text that Python accepts as a str but that is not valid Unicode: json.loads turns the escape "\udc80" (or
+# the raw bytes of an encoded surrogate) into a lone surrogate, tarfile turns a name byte that is not UTF-8
+# into one. Each such sample must be a counted skip here, not a UnicodeEncodeError or TypeError later.
+def _json_with(key: str, field: str, value: str) -> bytes:
+    """The sample's json with ``field`` (a relation's group/type/text, or the top-level id) given as the raw
+    (ASCII) json text ``value``, e.g. ``r'"\\udc80"'``."""
+    fields = {"id": json.dumps(key), "group": '"colour:red"', "type": '"colour"', "text": '"both are red"'}
+    fields[field] = value
+    return ('{"id":%(id)s,"relations":[{"group":%(group)s,"type":%(type)s,"text":%(text)s}]}' % fields).encode()
+
+
+BAD_TEXT = {  # key -> (member to replace, its bytes, expected reason)
+    "bad_text": ("json", lambda k: _json_with(k, "text", r'"both are \udc80"'), "non_utf8_json"),
+    "bad_group": ("json", lambda k: _json_with(k, "group", r'"colour:\udc80"'), "non_utf8_json"),
+    "bad_type": ("json", lambda k: _json_with(k, "type", r'"\ud800"'), "non_utf8_json"),
+    "bad_id": ("json", lambda k: _json_with(k, "id", r'"\udfff"'), "non_utf8_json"),
+    "bad_raw": ("json", lambda k: _json_with(k, "text", r'"\udc80"').replace(b"\\udc80", b"\xed\xb2\x80"),
+                "non_utf8_json"),  # the surrogate's bytes, which json.loads decodes with surrogatepass
+    "bad_caption": ("txt", lambda k: b"a red \xed\xb2\x80 circle", "non_utf8_txt"),  # encoded surrogate
+}
+
+
+BAD_NAME = "bad\udcffname"  # written as the bytes b"bad\xffname": not UTF-8
+
+
+def _text_shard(path: Path, rng: random.Random) -> list[str]:
+    """A good sample, then each BAD_TEXT sample and one named BAD_NAME, each followed by a good one.
+    Returns the good keys."""
+    samples, good = [good_members("good00", rng)], ["good00"]
+    bad = [(key, ext, make(key)) for key, (ext, make, _) in BAD_TEXT.items()] + [(BAD_NAME, None, None)]
+    for i, (key, ext, data) in enumerate(bad, 1):
+        members = dict(good_members(key, rng))
+        if ext is not None:
+            members[f"{key}.{ext}"] = data
+        samples.append(list(members.items()))
+        good.append(f"good{i:02d}")
+        samples.append(good_members(good[-1], rng))
+    write_tar(path, samples)
+    return good
+
+
+def test_json_builder_writes_what_it_says():
+    """The bad json above differs from a good one only in the one string (so the reason is that string)."""
+    assert json.loads(_json_with("k", "text", '"x"')) == {
+        "id": "k", "relations": [{"group": "colour:red", "type": "colour", "text": "x"}]}
+    assert json.loads(BAD_TEXT["bad_group"][1]("k"))["relations"][0]["group"] == "colour:\udc80"
+    assert json.loads(BAD_TEXT["bad_raw"][1]("k"))["relations"][0]["text"] == "\udc80"
+
+
+def test_text_that_is_not_unicode_is_counted(tmp_path):
+    from collections import Counter
+
+    from data_prep.inspect import inspect_shards
+
+    shard = tmp_path / "shard.tar"
+    good = _text_shard(shard, random.Random(13))
+    assert b"bad\xffname.json" in shard.read_bytes()  # the name really is not UTF-8 in the tar
+    expected = dict(Counter(reason for _, _, reason in BAD_TEXT.values())) | {"non_utf8_name": 1}
+
+    counter = SkipCounter()
+    out = list(iter_samples(str(shard), counter=counter))
+    assert [s["key"] for s in out] == good
+    assert counter.counts == expected
+    for s in out:  # what used to fail later (group id hashing, tokenizer): every string encodes
+        for text in [s["key"], s["caption"]] + [v for rel in s["relations"] for v in rel.values()]:
+            text.encode("utf-8")
+    assert "'bad\\udcffname'" in counter.examples["non_utf8_name"][0]  # the key, escaped: printable
+
+    report = inspect_shards(str(shard))  # the inspector reads with the same decoder
+    assert report["samples"] == len(good) and report["skipped"] == expected
+    json.dumps(report)
+
+    with pytest.raises(BadSampleError, match=rf"{shard}.*bad_text.*non_utf8_json"):
+        list(iter_samples(str(shard), strict=True))
+    name_shard = tmp_path / "name.tar"  # strict mode names the shard and the (escaped) key of a bad name
+    write_tar(name_shard, [good_members(BAD_NAME, random.Random(14))])
+    with pytest.raises(BadSampleError, match=r"name\.tar, sample 'bad\\udcffname': non_utf8_name"):
+        list(iter_samples(str(name_shard), strict=True))
