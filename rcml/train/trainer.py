@@ -323,7 +323,8 @@ class Trainer:
         metrics = {("loss_" + k if k in ("it", "ti", "ii", "tt", "cond") else k): v.item() for k, v in zip(LOGGED, t)}
         metrics |= {"lr": float(self.engine.get_lr()[0]),
                    "samples_per_s": rows[0].item() / elapsed, "epoch": self.epoch,
-                   # global rows of the logged step: the loss terms' chance level is ln(rows) (one micro-batch)
+                   # global rows of the logged step (all micro-batches); with gradient_accumulation_steps 1
+                   # the cross-modal terms' chance level is ln(rows)
                    "rows": int(rows[1].item()),
                    "nonfinite_steps": self.nonfinite_total, "skipped_total": sum(skipped.values())}
         grad_norm = self.engine.get_global_grad_norm()
