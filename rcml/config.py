@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -153,9 +154,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # inf and nan pass every range check below and poison the loss later
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation):
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null", "auto")):
             return None
@@ -234,6 +238,18 @@ def validate(cfg: RunConfig) -> None:
     need(t.collective_timeout_s >= 5, "train.collective_timeout_s", "must be >= 5 seconds")
     need(d.workers >= 0, "data.workers", "must be >= 0")
     need(d.image_size >= 8, "data.image_size", "must be >= 8")
+    need(d.max_image_pixels > 0, "data.max_image_pixels", f"must be > 0, got {d.max_image_pixels}")
+    for where, seed in (("seed", cfg.seed), ("eval.seed", cfg.eval.seed)):
+        need(0 <= seed < 2**63, where, f"must be in [0, 2^63) (torch and numpy seeds are 64-bit), got {seed}")
+    if not m.vision_path:  # a pretrained tower brings its own patch size, checked when it is loaded
+        from rcml.model_size import load_size  # torch-free
+
+        try:
+            patch = load_size(m.name)["vision"]["patch_size"]
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"model.name: {err}") from None
+        need(d.image_size % patch == 0, "data.image_size",
+             f"must be a multiple of the patch size {patch} of model.name={m.name!r}, got {d.image_size}")
     need(d.context_length >= 4, "data.context_length", "must be >= 4")
     need(d.groups_per_batch >= 1, "data.groups_per_batch", "must be >= 1")
     need(d.members_per_group >= 1, "data.members_per_group", "must be >= 1")

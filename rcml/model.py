@@ -40,6 +40,7 @@ from rcml import model_towers
 from rcml.batch import Batch
 from rcml.config import MIXES, ModelConfig
 from rcml.model_pooling import ItemFeatures, RelationPooling
+from rcml.model_size import load_size
 
 SPEC_FORMAT = "rcml-model/1"
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -220,7 +221,7 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id: int, 
     CLIPTextModel, or a full CLIPModel, whose projections and logit scale are loaded too) and the size
     JSON only gives embed_dim and pool_heads. Call it inside ``deepspeed.zero.Init`` for ZeRO-3.
     """
-    size = model_towers.load_size(cfg.name)
+    size = load_size(cfg.name)
     tok = dict(vocab_size=vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
     if not all(0 <= i < vocab_size for i in (pad_id, bos_id, eos_id)):
         raise ValueError(f"special token ids {tok} must lie inside the vocabulary")

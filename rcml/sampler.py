@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import math
 import random
 from itertools import accumulate, islice
 from typing import Any, Iterable, Iterator, NamedTuple
@@ -68,9 +69,9 @@ def _parse_type_values(spec: str | dict[str, float] | None, key: str, example: s
                 raise ValueError(f"{key}: {part!r} is not {form} (e.g. {example!r})") from None
             if not sep or not name.strip():
                 raise ValueError(f"{key}: {part!r} is not {form} (e.g. {example!r})")
-    bad = {k: v for k, v in values.items() if not v >= 0}
+    bad = {k: v for k, v in values.items() if not 0 <= v < math.inf}
     if bad:
-        raise ValueError(f"{key}: values must be >= 0, got {bad}")
+        raise ValueError(f"{key}: values must be finite and >= 0, got {bad}")
     return values
 
 

@@ -36,6 +36,19 @@ def test_overrides_and_yaml_merge(tmp_path):
         ("data.type_quotas=keyword=1.5", "data.type_quotas"),
         ("data.type_quotas=keyword", "data.type_quotas"),
         ("data.type_weights=keyword=-1", "data.type_weights"),
+        # values that used to pass validation and fail (or poison the loss) once the ranks had started
+        ("loss.w_inter=inf", "loss.w_inter"),
+        ("loss.w_intra=nan", "loss.w_intra"),
+        ("model.beta=nan", "model.beta"),
+        ("data.type_weights=colour=inf", "data.type_weights"),
+        ("data.max_image_pixels=0", "data.max_image_pixels"),
+        ("data.max_image_pixels=-5", "data.max_image_pixels"),
+        ("data.image_size=60", "data.image_size"),   # tiny's patch size is 8
+        ("model.name=base data.image_size=48", "data.image_size"),  # base's is 32
+        ("model.name=tinny", "model.name"),
+        ("seed=9223372036854775808", "seed"),        # 2^63
+        ("seed=-1", "seed"),
+        ("eval.seed=18446744073709551616", "eval.seed"),
     ],
 )
 def test_bad_values_name_the_field(override, field):

@@ -396,3 +396,31 @@ def test_aggregate_reports_mean_and_std_over_seeds():
     assert mean["auc"] is None and std["auc"] is None  # not finite in every seed: no mean
     one_mean, one_std = aggregate_reports(reports[:1])
     assert one_mean["retrieval"]["hit@5"] == reports[0]["retrieval"]["hit@5"] and one_std["auc"] == 0.0
+
+
+def test_report_renders_hostile_labels_as_data(tmp_path):
+    """Relation types and the mode come from shards and configs: in report.md they are cells, never markup, and
+    matplotlib never parses them as TeX (an unbalanced ``$`` used to abort the plot, and with it the run)."""
+    rng = random.Random(7)
+    hostile = ["$\\frac{a}{$ | b", "<script>x</script>", "two\nlines | and pipes", "$x^2$"]
+
+    def hits():
+        return {s: rng.random() for s in HIT_COLUMNS}
+
+    report = {"mode": "rc$ml", "seed": 3, "counts": {"items": 11, "groups": 4},
+              "baselines": {"retrieval": {"caption_overlap": {"hit@5": 0.4}}}}
+    for key in ("retrieval", "retrieval_confusable"):
+        report[key] = {"queries": 13, "candidates": 9, "confusable_fraction": 0.25,
+                       **{f"hit@{k}": hits() for k in (1, 5, 10)},
+                       "by_type": {t: {"queries": rng.randint(1, 9), "hit@5": hits()} for t in hostile}}
+    out = write_report(report, tmp_path / "eval")
+    md = (out / "report.md").read_text()
+    assert "<script>" not in md and "&lt;script&gt;" in md
+    table_lines = [line for line in md.splitlines() if line.startswith("| ")]
+    by_type_rows = [line for line in table_lines if any(part in line for part in ("frac", "script", "lines", "x^2"))]
+    assert len(by_type_rows) == 2 * len(hostile)  # each hostile type is one row of each by-type table ...
+    width = 2 + len(HIT_COLUMNS)  # ... with exactly its columns: escaped pipes never open a new cell
+    for line in by_type_rows:
+        cells = [c for c in line.replace("\\|", "").split("|")[1:-1]]
+        assert len(cells) == width, line
+    assert Image.open(out / "hits.png").size[0] > 100
