@@ -36,7 +36,7 @@ class DataConfig:
     shard_shuffle: int = 100        # shard shuffle buffer (0 = keep order)
     sample_shuffle: int = 0         # sample shuffle buffer before grouping (0 = off; grouping needs locality)
     workers: int = 2                # DataLoader workers per rank
-    image_size: int = 64
+    image_size: int = 64            # pixels per side after crop and resize; a multiple of the patch size
     context_length: int = 32        # tokens per caption / relation text, bos and eos included
     groups_per_batch: int = 16      # P
     members_per_group: int = 4      # K; local batch = P x K rows
@@ -61,8 +61,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    w_inter: float = 1.0
-    w_intra: float = 1.0
+    w_inter: float = 1.0            # cross-modal terms (image->text, text->image)
+    w_intra: float = 1.0            # intra-modal terms (image->image, text->text); 0 in clip mode
     w_cond: float | None = None     # conditioned contrast term (rcml/conditioned.py); empty = 1 in rcml mode,
                                     # 0 in clip mode; 0 = the paper's objective
     cond_candidates: int = 32       # items embedded under each relation of a batch for that term
@@ -73,16 +73,16 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    out_dir: str = "runs/default"
+    steps: int = 100                # optimizer steps; also the schedule length in the DeepSpeed JSON
+    out_dir: str = "runs/default"   # checkpoints, metrics.jsonl, eval reports, export, MLflow store
     log_every: int = 5
     ckpt_every: int = 50            # 0 = only at the end
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3       # newest complete checkpoints kept
     eval_every: int = 0             # 0 = only at the end
     max_nonfinite_steps: int = 5    # consecutive non-finite losses before aborting
     collective_timeout_s: int = 60  # a dead rank fails the job instead of hanging
     stop_grace_s: int = 90          # after SIGTERM/SIGUSR1: time to reach the next step and checkpoint
-    export: bool = True
+    export: bool = True             # write <out_dir>/export at the end (rcml.from_pretrained loads it)
     overwrite: bool = False         # a fresh start in an out_dir holding another run deletes that run's files
     record_keys: bool = False       # write each step's item keys to keys_rank*.jsonl (resume audits, tests)
 
@@ -91,19 +91,19 @@ class TrainConfig:
 class EvalConfig:
     max_items: int = 512            # items from data.val used by the periodic evaluation
     negatives: int = 20             # relation-guided retrieval: 1 positive + this many negatives
-    seed: int = 0
+    seed: int = 0                   # the evaluation plan (negatives drawn) is a function of this seed
 
 
 @dataclass
 class TrackingConfig:
-    mlflow: bool = True
-    experiment: str = "rcml"
-    run_name: str = ""
+    mlflow: bool = True             # log to MLflow (MLFLOW_TRACKING_URI, else a store in out_dir)
+    experiment: str = "rcml"        # MLflow experiment name
+    run_name: str = ""              # MLflow run name (default: <out_dir name>-<UTC time>)
 
 
 @dataclass
 class RunConfig:
-    seed: int = 0
+    seed: int = 0                   # weights init, data order, crops: a run is a function of it
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -310,6 +310,41 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     import yaml
 
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """``[("data.train", "", "shard URL pattern(s), ..."), ...]``: every key with its default and the comment
+    beside its field in this file (the single place defaults and their meaning are written), for ``--help``."""
+    import inspect
+    import re
+
+    field_line = re.compile(r"^\s+(\w+): [^=]+=.*?(?:#\s?(.*))?$")
+    comments: dict[type, dict[str, str]] = {}
+    for cls in (RunConfig, DataConfig, ModelConfig, LossConfig, TrainConfig, EvalConfig, TrackingConfig):
+        notes: dict[str, str] = {}
+        last = None
+        for line in inspect.getsource(cls).splitlines():
+            match = field_line.match(line)
+            if match:
+                last = match.group(1)
+                notes[last] = (match.group(2) or "").strip()
+            elif last and line.strip().startswith("#"):  # a comment continued on the next line
+                notes[last] = f"{notes[last]} {line.strip().lstrip('#').strip()}".strip()
+            else:
+                last = None
+        comments[cls] = notes
+    out: list[tuple[str, Any, str]] = []
+
+    def walk(prefix: str, obj: Any) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(f"{prefix}{f.name}.", value)
+            else:
+                out.append((prefix + f.name, value, comments[type(obj)].get(f.name, "")))
+
+    walk("", RunConfig())
+    return out
 
 
 def dumps(cfg: RunConfig) -> str:

@@ -46,3 +46,37 @@ def test_bad_ds_configs(tmp_path, patch, message):
     path.write_text(json.dumps(ds))
     with pytest.raises(ConfigError, match=message):
         load_ds_config(path, cfg(), 1)
+
+
+def test_ds_overrides_set_values_and_refuse_derived_ones():
+    run = cfg("train.steps=9")
+    ds = load_ds_config("configs/zero3.json", run, 1,
+                        ["ds.optimizer.params.lr=3.7e-5", "ds.optimizer.params.betas=[0.9, 0.95]",
+                         "ds.scheduler.params.warmup_num_steps=3", "ds.gradient_accumulation_steps=3",
+                         "ds.optimizer.type=Adam", "ds.zero_optimization.stage=2", "ds.new_section.flag=true"])
+    assert ds["optimizer"]["params"]["lr"] == 3.7e-5 and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert ds["optimizer"]["type"] == "Adam" and zero_stage(ds) == 2 and ds["new_section"] == {"flag": True}
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 3 and ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 64 * 3  # derived values follow the overridden accumulation
+    assert json.loads(open("configs/zero3.json").read())["optimizer"]["params"]["lr"] != 3.7e-5  # file untouched
+    for bad, message in (("ds.train_batch_size=8", "derived from"), ("ds.scheduler.params.total_num_steps=5",
+                                                                       "train.steps"),
+                         ("ds.optimizer.params.lr.x=1", "not a section"), ("ds.=1", "ds.<path>"),
+                         ("ds.gradient_clipping", "ds.<path>"), ("ds.zero_optimization.stage=9", "stage")):
+        with pytest.raises(ConfigError, match=message):
+            load_ds_config("configs/zero3.json", run, 1, [bad])
+
+
+def test_values_replaced_by_the_run_config_are_logged(tmp_path, caplog):
+    ds = json.loads(open("configs/zero3.json").read())
+    ds["train_micro_batch_size_per_gpu"] = 7
+    ds["scheduler"]["params"]["total_num_steps"] = 1000
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with caplog.at_level("INFO", logger="rcml"):
+        out = load_ds_config(path, cfg("train.steps=5"), 2)
+    text = caplog.text
+    assert "train_micro_batch_size_per_gpu = 64 (the file says 7" in text
+    assert "total_num_steps = 5 (the file says 1000" in text
+    assert "warmup_num_steps = 1 (the file says 20" in text
+    assert out["train_batch_size"] == 128

@@ -3,7 +3,7 @@
 Each node runs one ``torchrun`` that starts G local ranks; node 0's host is the rendezvous point:
 
     torchrun --nnodes N --nproc-per-node G --node-rank R --master-addr HEAD --master-port P \
-        launch/pretrain.py --ds_config ... --resume latest [key=value ...]
+        launch/pretrain.py --ds_config ... --resume auto [key=value ...]
 
     python launch/slurm/node_launch.py --dry-run -- --ds_config configs/zero3.json train.steps=10
         prints every node's exact command (no SLURM needed: pass --nodelist / --gpus-per-node,

@@ -86,7 +86,8 @@ def find_tokenizer(cfg: RunConfig) -> Path:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, ds_config_path: str, resume: str | None) -> None:
+    def __init__(self, cfg: RunConfig, ds_config_path: str, resume: str | None,
+                 ds_overrides: list[str] | None = None) -> None:
         self.cfg = cfg
         self.world: WorldInfo = init_distributed(cfg.train.collective_timeout_s)
         setup_logging(self.world.rank)
@@ -101,7 +102,7 @@ class Trainer:
                 run_dir.remove(stale)
             self.out_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        self.ds = load_ds_config(ds_config_path, cfg, self.world.world_size)
+        self.ds = load_ds_config(ds_config_path, cfg, self.world.world_size, ds_overrides)
         self.gas = int(self.ds["gradient_accumulation_steps"])
         self.bf16 = uses_bf16(self.ds)
         seed_everything(cfg.seed)  # identical on every rank: identical initial weights
@@ -149,8 +150,8 @@ class Trainer:
         return engine
 
     def _resume(self, which: str) -> None:
-        path = checkpoint.resolve(self.ckpt_dir, which)
-        if path is None:
+        path = checkpoint.resolve(self.ckpt_dir, "latest" if which == "auto" else which)
+        if path is None:  # --resume auto before the first checkpoint (latest: refused by the launcher's checks)
             log.info("--resume %s: no checkpoint in %s yet, starting from scratch", which, self.ckpt_dir)
             return
         state = checkpoint.load(self.engine, path, self.world.rank, self.world.world_size)
@@ -415,6 +416,7 @@ def batch_metrics(stats: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def train(cfg: RunConfig, ds_config_path: str, resume: str | None = None) -> int:
-    trainer = Trainer(cfg, ds_config_path, resume)
+def train(cfg: RunConfig, ds_config_path: str, resume: str | None = None,
+          ds_overrides: list[str] | None = None) -> int:
+    trainer = Trainer(cfg, ds_config_path, resume, ds_overrides)
     return trainer.train()
