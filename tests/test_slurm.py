@@ -51,5 +51,5 @@ def test_sbatch_dry_run_with_fake_slurm_environment(tmp_path):
         assert f"--node-rank={rank}" in cmd and "--nnodes=3" in cmd and "--nproc-per-node=4" in cmd
         assert "--master-addr=gpu07" in cmd
         assert "--master-port=24242" in cmd  # 20000 + job id % 20000: distinct jobs, distinct ports
-        assert cmd[cmd.index("--resume") + 1] == "latest"
+        assert cmd[cmd.index("--resume") + 1] == "auto"  # the first start and every requeue alike
         assert "data.train=/data/s-{000..099}.tar" in cmd
