@@ -23,18 +23,28 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import inspect
+
+    from rcml.eval import evaluate
+
+    # the evaluation's defaults are written once, in rcml.eval.evaluate (which takes them from EvalConfig)
+    default = {k: v.default for k, v in inspect.signature(evaluate).parameters.items()}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="export directory (<train.out_dir>/export)")
     p.add_argument("--shards", required=True, help="shard URL pattern, brace-expanded ('a::b' joins sources)")
     p.add_argument("--out", required=True, help="output directory for the report")
     p.add_argument("--max-items", type=int, default=None, help="use the first N valid items of the shards")
-    p.add_argument("--negatives", type=int, default=20, help="negatives per relation-guided query (default 20)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--negatives", type=int, default=default["negatives"],
+                   help="negatives per relation-guided query (default %(default)s)")
+    p.add_argument("--seed", type=int, default=default["seed"], help="evaluation plan seed (default %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
-    p.add_argument("--batch-size", type=int, default=64, help="items per tower call")
-    p.add_argument("--max-queries", type=int, default=4000, help="relation-guided queries (seeded subsample)")
-    p.add_argument("--max-pairs", type=int, default=1000, help="pairs for relation-type and validity tasks")
-    p.add_argument("--max-galleries", type=int, default=64, help="relation-conditioned galleries (seeded subsample)")
+    p.add_argument("--batch-size", type=int, default=default["batch_size"], help="items per tower call")
+    p.add_argument("--max-queries", type=int, default=default["max_queries"],
+                   help="relation-guided queries (seeded subsample; default %(default)s)")
+    p.add_argument("--max-pairs", type=int, default=default["max_pairs"],
+                   help="pairs for relation-type and validity tasks (default %(default)s)")
+    p.add_argument("--max-galleries", type=int, default=default["max_galleries"],
+                   help="relation-conditioned galleries (seeded subsample; default %(default)s)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad sample instead of skipping it")
     p.add_argument("--mlflow", action="store_true", help="log to MLflow even without MLFLOW_TRACKING_URI")
     p.add_argument("--experiment", default="rcml-eval", help="MLflow experiment name")

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from rcml.config import EvalConfig
 from rcml.embedding import RCMLEmbedder
 from rcml.eval.baselines import BlindScorers, gallery_baselines, retrieval_baselines, type_only_probe, type_prior
 from rcml.eval.metrics import (KS, SIMILARITIES, gallery_ranks, hit_at_k, hit_table, linear_probe,
@@ -156,7 +157,7 @@ def _validity(examples, split, row_of: dict, img: torch.Tensor, txt: torch.Tenso
 # ------------------------------------------------------------------------------------------ driver
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokenizer, samples: Sequence[dict[str, Any]], *, mode: str, context_length: int,
-             image_size: int, negatives: int = 20, seed: int = 0, batch_size: int = 64, max_queries: int | None = 4000, max_pairs: int = 1000,
+             image_size: int, negatives: int = EvalConfig.negatives, seed: int = EvalConfig.seed, batch_size: int = 64, max_queries: int | None = 4000, max_pairs: int = 1000,
              max_galleries: int | None = 64, gallery_items: int = 256) -> dict[str, Any]:
     """Run every task on ``samples`` (dicts with ``key``, ``image`` (PIL), ``caption``, ``relations``).
 
