@@ -12,6 +12,16 @@ Output in OUT: ``shard-000000.tar``..., ``manifest.json`` (shards with counts, b
 and group-size statistics; the brace ``pattern``), ``skip_report.json`` (skipped records by reason, with
 the first examples). The same inputs and seed give byte-identical shards, with any number of workers.
 
+Only a complete build is ever published. Once the tables are read and validated (an unusable table leaves
+OUT as it was), the previous build in OUT is removed -- ``manifest.json`` first, then ``skip_report.json``,
+every ``shard-NNNNNN.tar`` and the temporaries a killed build left -- so OUT never holds an old manifest
+next to new shards, nor old shards next to new ones. Shards are written as ``.shard-NNNNNN.tar.tmp-<pid>``
+(a leading dot: no ``shard-*.tar`` pattern or glob matches them) and renamed to their final names only after
+the last one is written; ``manifest.json`` is written last, atomically. A failure (``--strict``, a full disk,
+Ctrl-C) deletes this build's temporaries and publishes nothing; after ``kill -9`` only temporaries remain,
+and the next build deletes them. The loader checks shard names and sizes against the manifest
+(``rcml.shard_manifest``).
+
 Image paths are read only inside --images-root (after resolving ``..`` and symlinks), only from regular
 files of at most --max-image-bytes: an ITEMS table cannot make the builder embed /etc/passwd, read
 /dev/zero until memory runs out, or wait forever on a FIFO.
@@ -20,6 +30,7 @@ files of at most --max-image-bytes: an ITEMS table cannot make the builder embed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -38,10 +49,13 @@ import pyarrow as pa
 from data_prep.manifest import (DEFAULT_MAX_IMAGE_BYTES, ITEM_COLUMNS, RELATION_COLUMNS, BuildError, ItemRecord,
                                 SkipReport, load_image, read_table, validate_items, validate_relations)
 from rcml.decode import MAX_MEMBER_BYTES
+from rcml.shard_manifest import MANIFEST_FORMAT, MANIFEST_NAME
 
 SHARD_NAME = "shard-{:06d}.tar"
 SHARD_RE = re.compile(r"^shard-\d{6}\.tar$")
-MANIFEST_FORMAT = "rcml-shards/1"
+SKIP_REPORT_NAME = "skip_report.json"
+# ".<final name>.tmp-<pid>": what a build is still writing (or what a killed build left)
+TEMPORARY_RE = re.compile(r"^\.(shard-\d{6}\.tar|manifest\.json|skip_report\.json)\.tmp-\d+$")
 DEFAULT_MAX_PIXELS = 64_000_000  # same default as DataConfig.max_image_pixels
 
 
@@ -97,38 +111,98 @@ def sample_json(item_id: str, relations: list[dict[str, str]]) -> bytes:
                       separators=(",", ":")).encode("utf-8")
 
 
+def temporary_path(final: Path) -> Path:
+    """Where ``final`` is written before it is published: same directory (so the rename is atomic), hidden."""
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers see the old file or the complete new one, never a partial one."""
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def remove_previous_build(out_dir: Path) -> None:
+    """Delete the manifest first (it would vouch for shards about to change), then the skip report, then
+    every shard and every leftover temporary."""
+    for name in (MANIFEST_NAME, SKIP_REPORT_NAME):
+        (out_dir / name).unlink(missing_ok=True)
+    for path in sorted(out_dir.iterdir()):
+        if (SHARD_RE.match(path.name) or TEMPORARY_RE.match(path.name)) and (path.is_file() or path.is_symlink()):
+            path.unlink()
+
+
 class _ShardWriter:
-    """Writes shard-NNNNNN.tar files atomically (temporary name, then rename) and records their stats."""
+    """Writes shards under temporary names and records their stats; ``publish`` gives them their final names.
+
+    Until then no file of this build has a name a pattern could match; ``discard`` deletes what was written.
+    """
 
     def __init__(self, out_dir: Path, shard_size: int) -> None:
         self.out_dir, self.shard_size = out_dir, shard_size
         self.shards: list[dict[str, Any]] = []
+        self._temporaries: list[Path] = []  # one per entry of ``shards``
+        self._file: io.BufferedWriter | None = None
         self._tar: tarfile.TarFile | None = None
-        self._count = 0
 
     def write(self, key: str, ext: str, image: bytes, caption: str, json_bytes: bytes) -> None:
         if self._tar is None:
             name = SHARD_NAME.format(len(self.shards))
-            self._tmp = self.out_dir / f".{name}.tmp"
-            self._tar = tarfile.open(self._tmp, "w", format=tarfile.GNU_FORMAT, encoding="utf-8")
+            self._temporaries.append(temporary_path(self.out_dir / name))
             self.shards.append({"name": name, "samples": 0, "first_key": key})
+            self._file = open(self._temporaries[-1], "wb")
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8")
         _add_member(self._tar, f"{key}.{ext}", image)
         _add_member(self._tar, f"{key}.txt", caption.encode("utf-8"))
         _add_member(self._tar, f"{key}.json", json_bytes)
         self.shards[-1]["samples"] += 1
         self.shards[-1]["last_key"] = key
         if self.shards[-1]["samples"] == self.shard_size:
-            self.close()
+            self.finish_shard()
 
-    def close(self) -> None:
+    def finish_shard(self) -> None:
+        """Complete the open shard (end-of-archive blocks, on disk) and record its size and sha256."""
         if self._tar is None:
             return
-        self._tar.close()
+        self._tar.close()  # writes the end-of-archive blocks; a tar opened on a file object leaves it open
         self._tar = None
-        final = self.out_dir / self.shards[-1]["name"]
-        os.replace(self._tmp, final)
-        data = final.read_bytes()
-        self.shards[-1].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        f, self._file = self._file, None
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        with open(self._temporaries[-1], "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        self.shards[-1].update(bytes=self._temporaries[-1].stat().st_size, sha256=digest)
+
+    def publish(self) -> None:
+        """Rename every finished shard to its final name."""
+        self.finish_shard()
+        for tmp, shard in zip(self._temporaries, self.shards):
+            os.replace(tmp, self.out_dir / shard["name"])
+
+    def withdraw(self) -> None:
+        """Undo ``publish`` (or part of it): delete this build's shards under either name."""
+        for shard in self.shards:
+            (self.out_dir / shard["name"]).unlink(missing_ok=True)
+        self.discard()
+
+    def discard(self) -> None:
+        """Delete every temporary of this build (the open shard included); nothing is published."""
+        for handle in (self._tar, self._file):
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    handle.close()
+        self._tar = self._file = None
+        for tmp in self._temporaries:
+            tmp.unlink(missing_ok=True)
 
 
 def _histogram(sizes: Iterable[int]) -> dict[str, int]:
@@ -175,6 +249,28 @@ def brace_pattern(out_dir: Path, num_shards: int) -> str:
     return str(out_dir / f"shard-{{{0:06d}..{last:06d}}}.tar")
 
 
+def _write_items(writer: _ShardWriter, ordered: list[ItemRecord], rels: dict[str, list[dict[str, str]]],
+                 report: SkipReport, images_root: str | None, max_pixels: int, max_bytes: int, workers: int,
+                 progress: bool, name: str) -> list[tuple[str, list[dict[str, str]]]]:
+    """Load each image and write the item, or report why it is skipped; -> [(id, relations)] written."""
+    from tqdm import tqdm
+
+    written: list[tuple[str, list[dict[str, str]]]] = []
+    with tqdm(total=len(ordered), desc=f"shards {name}", unit="item", disable=not progress, file=sys.stderr) as bar:
+        for rec, (status, payload) in _loaded(ordered, images_root, max_pixels, max_bytes, workers):
+            bar.update(1)
+            if not status.startswith("ok:"):
+                report.skip(status, "ITEMS", rec.row, rec.id, payload)
+                for _ in rels.get(rec.id, []):
+                    report.skip("item_skipped", "RELATIONS", -1, rec.id, f"image: {status}")
+                continue
+            item_rels = rels.get(rec.id, [])
+            writer.write(rec.id, status[3:], payload, rec.caption, sample_json(rec.id, item_rels))
+            written.append((rec.id, item_rels))
+    writer.finish_shard()
+    return written
+
+
 def build_shards(items: pa.Table | str | Path, relations: pa.Table | str | Path, images_root: str | Path | None,
                  out_dir: str | Path, shard_size: int = 1000, seed: int = 0, strict: bool = False,
                  workers: int = 1, *, max_image_pixels: int = DEFAULT_MAX_PIXELS,
@@ -182,7 +278,9 @@ def build_shards(items: pa.Table | str | Path, relations: pa.Table | str | Path,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate, order and write the shards; returns the manifest (also written to ``out_dir``).
 
-    ``extra`` is merged into the manifest (a dataset builder's own description, e.g. its generator seed).
+    The previous build in ``out_dir`` is removed once the tables are validated, and nothing of this one is
+    published unless it completes (see the module docstring). ``extra`` is merged into the manifest (a
+    dataset builder's own description, e.g. its generator seed).
     """
     if shard_size < 1:
         raise BuildError(f"shard_size must be >= 1, got {shard_size}")
@@ -194,55 +292,40 @@ def build_shards(items: pa.Table | str | Path, relations: pa.Table | str | Path,
     report = SkipReport(strict=strict)
     items_table = read_table(items, "ITEMS", ITEM_COLUMNS)
     relations_table = read_table(relations, "RELATIONS", RELATION_COLUMNS)
+    records = validate_items(items_table, report)  # first: it checks the column types the next line casts
     all_ids = {v for v in items_table.column("id").cast(pa.string()).to_pylist() if v is not None}
-    records = validate_items(items_table, report)
     by_id = {rec.id: rec for rec in records}
     rels = validate_relations(relations_table, by_id, all_ids, report)
     ordered = order_by_primary_group(records, rels, seed)
 
-    from tqdm import tqdm
-
+    remove_previous_build(out)
     writer = _ShardWriter(out, shard_size)
-    written: list[tuple[str, list[dict[str, str]]]] = []
-    root = None if images_root is None else str(images_root)
-    bar = tqdm(total=len(ordered), desc=f"shards {out.name}", unit="item", disable=not progress, file=sys.stderr)
     try:
-        for rec, (status, payload) in _loaded(ordered, root, max_image_pixels, max_image_bytes, workers):
-            bar.update(1)
-            if not status.startswith("ok:"):
-                report.skip(status, "ITEMS", rec.row, rec.id, payload)
-                for _ in rels.get(rec.id, []):
-                    report.skip("item_skipped", "RELATIONS", -1, rec.id, f"image: {status}")
-                continue
-            item_rels = rels.get(rec.id, [])
-            writer.write(rec.id, status[3:], payload, rec.caption, sample_json(rec.id, item_rels))
-            written.append((rec.id, item_rels))
-    finally:
-        bar.close()
-        writer.close()
-    if not written:
-        raise BuildError(f"no valid item to write ({report.summary()}); see the examples in "
-                         f"{out / 'skip_report.json'}")
-    (out / "skip_report.json").write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
-    # stale shards of an earlier, larger build would silently join a glob or a longer pattern
-    names = {s["name"] for s in writer.shards}
-    for stale in sorted(p for p in out.iterdir() if SHARD_RE.match(p.name) and p.name not in names):
-        stale.unlink()
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "pattern": brace_pattern(out, len(writer.shards)),
-        "shard_pattern": Path(brace_pattern(out, len(writer.shards))).name,
-        "num_shards": len(writer.shards),
-        "num_samples": len(written),
-        "total_bytes": sum(s["bytes"] for s in writer.shards),
-        "shard_size": shard_size,
-        "seed": seed,
-        "shards": writer.shards,
-        **relation_stats(written),
-        "skipped": dict(sorted(report.counts.items())),
-        **(extra or {}),
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        written = _write_items(writer, ordered, rels, report, None if images_root is None else str(images_root),
+                               max_image_pixels, max_image_bytes, workers, progress, out.name)
+        write_atomically(out / SKIP_REPORT_NAME, json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        if not written:
+            raise BuildError(f"no valid item to write ({report.summary()}); see the examples in "
+                             f"{out / SKIP_REPORT_NAME}")
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "pattern": brace_pattern(out, len(writer.shards)),
+            "shard_pattern": Path(brace_pattern(out, len(writer.shards))).name,
+            "num_shards": len(writer.shards),
+            "num_samples": len(written),
+            "total_bytes": sum(s["bytes"] for s in writer.shards),
+            "shard_size": shard_size,
+            "seed": seed,
+            "shards": writer.shards,
+            **relation_stats(written),
+            "skipped": dict(sorted(report.counts.items())),
+            **(extra or {}),
+        }
+        writer.publish()
+        write_atomically(out / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    except BaseException:  # BuildError (--strict), KeyboardInterrupt, a full disk: publish nothing
+        writer.withdraw()
+        raise
     return manifest
 
 
@@ -282,8 +365,12 @@ def main(argv: list[str] | None = None) -> int:
                                 args.strict, args.workers, max_image_pixels=args.max_image_pixels,
                                 max_image_bytes=args.max_image_bytes, progress=not args.no_progress)
     except BuildError as exn:
-        print(f"error: {exn}", file=sys.stderr)
+        # one line, whatever the message quotes (a pyarrow error, a CSV row with newlines)
+        print("error: " + re.sub(r"\s*\n\s*", " ", str(exn).strip()), file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: nothing was published in {args.out}", file=sys.stderr)
+        return 130
     print_summary(manifest, manifest["skipped"])
     return 0
 

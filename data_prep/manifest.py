@@ -4,18 +4,22 @@ ITEMS     columns ``id``, ``caption``, ``image`` (a path relative to --images-ro
 RELATIONS columns ``id`` (item id), ``group`` (group key), ``type`` (relation type), ``text`` (description)
 
 Each is a Parquet, JSONL or CSV file (chosen by extension) or an in-memory ``pyarrow.Table``; these column
-names are a public interface. Extra columns are ignored. Every rejected record is counted by reason in a
-``SkipReport`` (with the first examples) -- or, in strict mode, raises ``BuildError`` naming the record.
+names are a public interface. Extra columns are ignored. Text files must be UTF-8; a quoted CSV field may
+hold newlines and be of any size. A table that cannot be read raises ``BuildError`` naming the file. Every
+rejected record is counted by reason in a ``SkipReport`` (with the first examples) -- or, in strict mode,
+raises ``BuildError`` naming the record.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import stat
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 
@@ -94,8 +98,20 @@ class ItemRecord:
 
 
 # ------------------------------------------------------------------------------------------ tables
+# pyarrow splits a CSV/JSONL file into blocks (1 MiB by default) and fails on a row that does not fit in
+# one ("straddling object"): a long caption, a quoted caption with newlines. Reads start with larger blocks
+# and, on that error, retry with blocks _BLOCK_GROWTH times larger, until one block holds the whole file.
+_FIRST_BLOCK_BYTES = 16 << 20
+_BLOCK_GROWTH = 8
+_MAX_BLOCK_BYTES = (1 << 31) - 1  # pyarrow's block_size is an int32
+
+
 def read_table(source: pa.Table | str | Path, what: str, columns: tuple[str, ...]) -> pa.Table:
-    """Load ITEMS or RELATIONS (``what`` names it in messages) and check the required columns."""
+    """Load ITEMS or RELATIONS (``what`` names it in messages) and check the required columns.
+
+    A file pyarrow cannot read (corrupt Parquet, malformed CSV or JSONL, text that is not UTF-8) raises
+    BuildError naming the file, with pyarrow's own account of where (its rows count from 0).
+    """
     if isinstance(source, pa.Table):
         table = source
     else:
@@ -104,19 +120,13 @@ def read_table(source: pa.Table | str | Path, what: str, columns: tuple[str, ...
             raise BuildError(f"{what}: file {path} does not exist")
         suffix = path.suffix.lower()
         if suffix in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
+            table = _read_parquet(path, what)
         elif suffix in (".jsonl", ".ndjson", ".json"):
-            import pyarrow.json as pj
-
-            table = pj.read_json(path)
+            _check_utf8(path, what)  # pyarrow's JSON reader would silently replace bad bytes by U+FFFD
+            table = _read_blocks(path, what, "JSONL (one JSON object per line)", partial(_read_jsonl, path))
         elif suffix in (".csv", ".tsv"):
-            import pyarrow.csv as pc
-
-            # every column we use is text: keep "007" an id, not the number 7
-            table = pc.read_csv(path, parse_options=pc.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","),
-                                convert_options=pc.ConvertOptions(column_types={c: pa.string() for c in columns}))
+            _check_utf8(path, what)
+            table = _read_blocks(path, what, suffix[1:].upper(), partial(_read_csv, path, columns, suffix == ".tsv"))
         else:
             raise BuildError(f"{what}: {path} has extension {suffix!r}; use .parquet, .jsonl or .csv")
     missing = [c for c in columns if c not in table.column_names]
@@ -125,13 +135,86 @@ def read_table(source: pa.Table | str | Path, what: str, columns: tuple[str, ...
     return table.select(list(columns))
 
 
-def _text_column(table: pa.Table, name: str) -> list[Any]:
+def _one_line(exn: BaseException) -> str:
+    return " ".join(str(exn).split())
+
+
+def _read_parquet(path: Path, what: str) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exn:  # a truncated file is an OSError, random bytes ArrowInvalid
+        raise BuildError(f"{what}: {path} is not a readable Parquet file (corrupt or truncated?): "
+                         f"{_one_line(exn)}") from None
+
+
+def _read_csv(path: Path, columns: tuple[str, ...], tsv: bool, block_size: int) -> pa.Table:
+    import pyarrow.csv as pc
+
+    return pc.read_csv(path, read_options=pc.ReadOptions(block_size=block_size),
+                       # a quoted field may hold newlines (a multi-line caption)
+                       parse_options=pc.ParseOptions(delimiter="\t" if tsv else ",", newlines_in_values=True),
+                       # every column we use is text: keep "007" an id, not the number 7
+                       convert_options=pc.ConvertOptions(column_types={c: pa.string() for c in columns}))
+
+
+def _read_jsonl(path: Path, block_size: int) -> pa.Table:
+    import pyarrow.json as pj
+
+    return pj.read_json(path, read_options=pj.ReadOptions(block_size=block_size))
+
+
+def _read_blocks(path: Path, what: str, kind: str, read: Callable[[int], pa.Table]) -> pa.Table:
+    """``read(block_size)``, with larger blocks while a row straddles two; ArrowException -> BuildError."""
+    block_size, file_size = _FIRST_BLOCK_BYTES, path.stat().st_size
+    while True:
+        try:
+            return read(block_size)
+        except pa.ArrowException as exn:
+            if "straddl" in str(exn) and block_size <= file_size and block_size < _MAX_BLOCK_BYTES:
+                block_size = min(block_size * _BLOCK_GROWTH, _MAX_BLOCK_BYTES)
+                continue
+            raise BuildError(f"{what}: cannot read {path} as {kind}: {_one_line(exn)}") from None
+
+
+def _check_utf8(path: Path, what: str, chunk_bytes: int = 1 << 20) -> None:
+    """BuildError naming the line and byte offset of the first bytes that are not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exn:
+                bad_line = line + chunk.count(b"\n", 0, exn.start)
+                raise BuildError(f"{what}: {path} is not UTF-8 text: byte {chunk[exn.start]:#04x} at line {bad_line} "
+                                 f"(byte offset {offset + exn.start}); save the file as UTF-8") from None
+            offset, line = offset + len(chunk), line + chunk.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise BuildError(f"{what}: {path} is not UTF-8 text: it ends inside a multi-byte character (byte "
+                             f"offset {offset}); save the file as UTF-8") from None
+
+
+def _text_column(table: pa.Table, what: str, name: str) -> list[Any]:
     column = table.column(name)
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type):
         return column.to_pylist()
     if pa.types.is_integer(column.type):
         return [None if v is None else str(v) for v in column.to_pylist()]
-    raise BuildError(f"column {name!r} has type {column.type}; expected text")
+    raise BuildError(f"{what}: column {name!r} has type {column.type}; expected text")
+
+
+def _image_column(table: pa.Table) -> list[str | bytes | None]:
+    """ITEMS ``image``: paths (a text column) or encoded images (a binary column); nothing else."""
+    t = table.column("image").type
+    if (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+            or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t) or pa.types.is_null(t)):
+        return table.column("image").to_pylist()
+    raise BuildError(f"ITEMS: column 'image' has type {t}; expected text (a path relative to --images-root) or "
+                     "binary (the encoded image file)")
 
 
 def _bad_id(item_id: str) -> bool:
@@ -140,9 +223,9 @@ def _bad_id(item_id: str) -> bool:
 
 def validate_items(table: pa.Table, report: SkipReport) -> list[ItemRecord]:
     """ITEMS -> records with a usable id and caption (images are checked when they are loaded)."""
-    ids = _text_column(table, "id")
-    captions = _text_column(table, "caption")
-    images = table.column("image").to_pylist()  # str paths or bytes
+    ids = _text_column(table, "ITEMS", "id")
+    captions = _text_column(table, "ITEMS", "caption")
+    images = _image_column(table)
     records, seen = [], set()
     for row, (item_id, caption, image) in enumerate(zip(ids, captions, images)):
         if item_id is None or not item_id.strip():
@@ -168,7 +251,7 @@ def validate_items(table: pa.Table, report: SkipReport) -> list[ItemRecord]:
 def validate_relations(table: pa.Table, items: dict[str, ItemRecord], all_item_ids: set[str],
                        report: SkipReport) -> dict[str, list[dict[str, str]]]:
     """RELATIONS -> {item id: [{"group", "type", "text"}, ...]} in table order (the first is the primary)."""
-    columns = [_text_column(table, c) for c in RELATION_COLUMNS]
+    columns = [_text_column(table, "RELATIONS", c) for c in RELATION_COLUMNS]
     out: dict[str, list[dict[str, str]]] = {}
     seen: set[tuple[str, str]] = set()
     for row, (item_id, group, rtype, text) in enumerate(zip(*columns)):

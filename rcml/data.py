@@ -42,6 +42,7 @@ from rcml.conditioned import conditioned_rows
 from rcml.config import DataConfig
 from rcml.decode import SkipCounter, iter_items, load_image
 from rcml.sampler import SELF_TYPE, RelationGroupingSampler, Row, stream_seed
+from rcml.shard_manifest import check_manifest
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +411,7 @@ def build_loader(cfg: DataConfig, tokenizer, *, mode: str, rank: int, world_size
     if not pattern:
         raise ValueError("no shards: set data.train (e.g. 'data/train/shard-{000000..000009}.tar')")
     sources = parse_sources(pattern, cfg.weights if urls is None else "")
+    check_manifest(url for shard_urls, _ in sources for url in shard_urls)  # before any reader starts
     workers = max(cfg.workers, 1)
     if not cfg.resampled:
         for s, (shard_urls, _) in enumerate(sources):
