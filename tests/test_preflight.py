@@ -57,6 +57,20 @@ def test_a_missing_ds_config_and_a_partly_missing_pattern_are_named(dataset, tmp
     assert missing_shards("data.train", dataset["data.train"]) is None
 
 
+def test_a_shard_that_does_not_match_its_manifest_is_refused_up_front(tmp_path):
+    import shutil
+
+    from data_prep.synthetic import build as build_synthetic
+
+    manifests = build_synthetic(tmp_path / "d", items=90, val_items=1, seed=3, image_size=32, shard_size=40)
+    pattern = manifests["train"]["pattern"]
+    assert missing_shards("data.train", pattern) is None
+    first = sorted((tmp_path / "d" / "train").glob("shard-*.tar"))[0]
+    shutil.copy(first, first.with_name("shard-000099.tar"))  # a stray shard the manifest does not list
+    line = missing_shards("data.train", str(first.with_name("shard-{000000,000099}.tar")))
+    assert line.startswith("data.train: shard ") and "is not listed in" in line
+
+
 def test_resume_values(dataset, tmp_path):
     cfg = load_config(None, overrides_list(dataset, tmp_path / "fresh"))
     assert problems(cfg, "configs/zero3.json", None) == []

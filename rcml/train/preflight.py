@@ -22,19 +22,27 @@ RESUME_AUTO = "auto"
 
 def is_local(url: str) -> bool:
     """Shards read through a pipe or a URL scheme are checked by the loader when it opens them."""
-    return not (url.startswith("pipe:") or "://" in url)
+    from rcml.shard_manifest import local_path
+
+    return local_path(url) is not None
 
 
 def missing_shards(key: str, pattern: str) -> str | None:
-    """One line when local shards of a ``::``-joined pattern do not exist, else None."""
+    """One line when local shards of a ``::``-joined pattern do not exist or do not match the manifest of
+    their directory (``rcml.shard_manifest``), else None."""
+    from rcml.shard_manifest import check_manifest
+
     for source in pattern.split("::"):
         urls = [u for u in braceexpand.braceexpand(source.strip()) if is_local(u)]
-        missing = [u for u in urls if not Path(u).is_file()]
-        if not missing:
-            continue
-        if len(missing) == len(urls):
+        missing = [u for u in urls if not Path(u.removeprefix("file:")).is_file()]
+        if missing and len(missing) == len(urls):
             return f"{key}: no shard of {source!r} exists (first: {missing[0]})"
-        return f"{key}: {len(missing)} of {len(urls)} shards of {source!r} do not exist (first: {missing[0]})"
+        if missing:
+            return f"{key}: {len(missing)} of {len(urls)} shards of {source!r} do not exist (first: {missing[0]})"
+        try:
+            check_manifest(urls)
+        except ValueError as err:
+            return f"{key}: {err}"
     return None
 
 
