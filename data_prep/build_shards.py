@@ -3,7 +3,7 @@
     python -m data_prep.build_shards --items ITEMS --relations RELATIONS --images-root DIR --out OUT \\
         [--shard-size N] [--workers W] [--seed S] [--strict] [--max-image-pixels P] [--max-image-bytes B]
 
-One sample per item (DESIGN §3): ``<id>.jpg|png|webp`` (the image), ``<id>.txt`` (caption, UTF-8) and
+One sample per item (docs/data.md, "Shard format"): ``<id>.jpg|png|webp`` (the image), ``<id>.txt`` (caption, UTF-8) and
 ``<id>.json`` (``{"id": ..., "relations": [{"group", "type", "text"}, ...]}``). Items are ordered by their
 primary group (their first relation in RELATIONS) after a seeded shuffle of the groups, so members of a
 group sit in the same or neighbouring shards and a streaming grouping buffer can find them.

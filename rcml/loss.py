@@ -2,7 +2,7 @@
 
 Global rows n = 1..N over all ranks, image / text embeddings u_n / t_n (unit norm), scale s, group ids
 g_n (the relation row n was drawn for), memberships G_n (every group of row n's item, g_n included;
-default {g_n}), positives P(i) = {k : g_i in G_k} (DESIGN.md section 6)::
+default {g_n}), positives P(i) = {k : g_i in G_k}::
 
     L_IT = 1/N  sum_i       [LSE_k s u_i.t_k - mean_{k in P(i)} s u_i.t_k]          (L_TI: u <-> t)
     L_II = 1/N' sum_{|P(i)|>1} [LSE_{k!=i} s u_i.u_k - mean_{k in P(i), k!=i} s u_i.u_k]  (L_TT on t)

@@ -1,6 +1,6 @@
 """Relation attention pooling of one modality's tokens, and the relation-independent item features.
 
-Per modality m (DESIGN §5)::
+Per modality m::
 
     q = Wq_m LN(r)                  r = relation embedding [R, D]         -> [R, H, Dh]
     K, V = Wk_m LN(T), Wv_m LN(T)   T = the item's tokens [I, T, W]       -> [I, T, H, Dh]

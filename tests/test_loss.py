@@ -1,5 +1,5 @@
 """rcml.loss.relation_contrastive_loss in one process: the four terms and all gradients against a naive
-float64 implementation of DESIGN section 6, OpenCLIP's own ClipLoss for singleton groups, weights."""
+float64 implementation of the loss in rcml/loss.py's docstring, OpenCLIP's own ClipLoss for singleton groups, weights."""
 
 import importlib.util
 import os
@@ -21,7 +21,7 @@ def load_open_clip_loss():
 
 
 def naive_terms(u, t, g, s, members=None):
-    """The four terms of DESIGN section 6 from full N x N matrices and a positive mask (float64 oracle).
+    """The four terms of the loss from full N x N matrices and a positive mask (float64 oracle).
     ``members``: one set of group ids per row (its item's groups); positives then are {k : g_i in members[k]}."""
     n = u.shape[0]
     if members is None:
