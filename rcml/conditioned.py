@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-SELF_GROUP_PREFIX = "self:"  # leftover singleton rows (rcml.sampler): no relation to contrast under
+from rcml.sampler import SELF_GROUP_PREFIX  # leftover singleton rows: no relation to contrast under
+
 TERMS = ("it", "ti", "ii", "tt")
 
 

@@ -4,7 +4,12 @@ A shard is untrusted input. Only the members we expect are ever decoded: one ima
 ``png``/``webp``, opened by Pillow restricted to JPEG/PNG/WebP, so no Ghostscript or other plug-in ever
 runs), ``txt`` (strict UTF-8) and ``json`` (``json.loads``). A sample with any other member -- a
 ``.pyd``/``.pickle`` that WebDataset's default decoders would unpickle, for instance -- is skipped whole
-as ``unexpected_member`` and its bytes are never interpreted.
+as ``unexpected_member`` and its bytes are never read.
+
+Memory is bounded before any data is read, from the tar headers: a member over ``MAX_MEMBER_BYTES``, or
+one that would take its sample past ``MAX_SAMPLE_BYTES``, is stepped over in the stream, and once a
+sample is known to be skipped none of its remaining members is read either. A gzip shard of a few MB can
+otherwise expand to gigabytes of zeros held by one worker.
 
 Every string that leaves this module is valid Unicode (encodable as UTF-8): ``json.loads`` accepts lone
 surrogate escapes (``"\\udc80"``) and tarfile maps non-UTF-8 name bytes to lone surrogates, and such a
@@ -25,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -37,13 +43,19 @@ TEXT_EXTS = ("txt", "json")
 KNOWN_EXTS = frozenset(IMAGE_EXTS + TEXT_EXTS)
 PIL_FORMATS = ("JPEG", "PNG", "WEBP")              # the only Pillow plug-ins allowed to parse shard bytes
 MAX_MEMBER_BYTES = 256 << 20                       # a member this large is not read (a tar bomb, not an image)
+# A usable sample is one image (up to MAX_MEMBER_BYTES, the most data_prep.build_shards writes) plus a
+# caption and a json, which leaves them as much again. Only members that are read count towards it.
+MAX_SAMPLE_BYTES = 2 * MAX_MEMBER_BYTES
+SHARD_RETRY_DELAY_S = 1.0                          # wait before the one retry of a shard that fails to open
 
 # Reasons a sample is skipped (the keys of SkipCounter.counts; the trainer logs them as skipped_<reason>).
 REASONS = {
     "truncated_tar": "the tar ends inside this sample (or is not a tar); the sample being read is lost",
     "duplicate_member": "two members of one sample have the same extension",
     "member_too_large": "a member larger than MAX_MEMBER_BYTES (not read into memory)",
-    "unexpected_member": "a member other than image/txt/json (e.g. .pyd/.pickle); never decoded",
+    "sample_too_large": "the members of one sample add up to more than MAX_SAMPLE_BYTES (the rest are not read)",
+    "shard_unreadable": "the shard cannot be opened (OSError), also after one retry; its samples are not read",
+    "unexpected_member": "a member other than image/txt/json (e.g. .pyd/.pickle; never read), or a reserved .__ext",
     "non_utf8_name": "a member name (hence the sample key) is not valid UTF-8",
     "missing_image": "no jpg/jpeg/png/webp member",
     "corrupt_image": "the image bytes do not decode as JPEG/PNG/WebP",
@@ -156,8 +168,48 @@ def first_non_unicode(obj: Any) -> str | None:
     return None
 
 
+def _open_shard(url: str, counter: SkipCounter):
+    """The shard's byte stream, or None once ``shard_unreadable`` is counted.
+
+    A network filesystem hiccup or a file being replaced makes one open fail now and the next succeed,
+    so a failure is retried once after ``SHARD_RETRY_DELAY_S``; a shard still unreadable is skipped
+    like a bad sample rather than ending the job (strict mode raises, as for any skip).
+    """
+    try:
+        return _open_url(url)
+    except OSError:
+        time.sleep(SHARD_RETRY_DELAY_S)
+    try:
+        return _open_url(url)
+    except OSError as exn:
+        counter.skip("shard_unreadable", url, "", f"{type(exn).__name__}: {exn}")
+        return None
+
+
+def _member_error(info: tarfile.TarInfo, ext: str, sample: dict[str, Any], sample_bytes: int, wanted: bool):
+    """(reason, detail) that makes the sample of member ``info`` a skip, judged from its header alone.
+
+    ``sample_bytes``: the sample's data read so far; ``wanted``: this member's data would be read next.
+    """
+    if info.size > MAX_MEMBER_BYTES:
+        return "member_too_large", f"{info.name}: {info.size} bytes"
+    if wanted and sample_bytes + info.size > MAX_SAMPLE_BYTES:
+        return "sample_too_large", f"{sample_bytes + info.size} bytes at member {info.name} > {MAX_SAMPLE_BYTES}"
+    if not is_unicode(info.name):
+        return "non_utf8_name", f"member {ascii(info.name)}"
+    if ext.startswith("__"):  # would overwrite the sample's own fields (``__key__``, ``__error__``)
+        return "unexpected_member", f"member {ascii(info.name)}: extensions starting with '__' are reserved"
+    if ext in sample:
+        return "duplicate_member", f"two .{ext} members"
+    return None
+
+
 def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
     """Group consecutive tar members by key: ``{"__key__", "__url__", ext: bytes, ...}``.
+
+    Only the members ``parse_sample`` decodes (``KNOWN_EXTS``) of a sample not yet known to be skipped
+    are read; any other member is present with empty bytes, its data stepped over in the stream. A
+    sample to be skipped carries ``"__error__": (reason, detail)``, the first one found.
 
     A tar that ends early (an interrupted copy, a bad disk) loses the sample being read when the data
     stops; that sample is counted as ``truncated_tar`` -- also when the cut falls exactly between two
@@ -166,8 +218,12 @@ def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]
     Names are decoded as UTF-8 whatever the locale (the shard format says UTF-8); a name that is not
     (tarfile's ``surrogateescape`` keeps its bytes as lone surrogates) marks its sample ``non_utf8_name``.
     """
-    stream = _open_url(url)
+    stream = _open_shard(url, counter)
+    if stream is None:
+        return
     current: dict[str, Any] | None = None
+    sample_bytes = 0      # data read for ``current`` so far
+    doomed = False        # ``current`` will be skipped by parse_sample whatever its bytes
     try:
         try:
             tf = tarfile.open(fileobj=stream, mode="r|*", encoding="utf-8", errors="surrogateescape")
@@ -186,21 +242,24 @@ def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]
                     yield current
                     current = None
                 if current is None:  # before reading the data: a cut inside it is charged to this sample
-                    current = {"__key__": prefix, "__url__": url}
-                if info.size > MAX_MEMBER_BYTES:
-                    data, error = b"", ("member_too_large", f"{info.name}: {info.size} bytes")
-                else:
-                    data, error = tf.extractfile(info).read(), None
-                    if len(data) != info.size:
-                        raise tarfile.ReadError(f"member {info.name} is truncated")
-                tf.members = []  # stream mode keeps every TarInfo otherwise: memory grows with the shard
-                if not is_unicode(info.name):
-                    error = error or ("non_utf8_name", f"member {ascii(info.name)}")
-                if ext in current:
-                    error = error or ("duplicate_member", f"two .{ext} members")
+                    current, sample_bytes, doomed = {"__key__": prefix, "__url__": url}, 0, False
+                # parse_sample skips a sample with an error or an unexpected member without looking at its
+                # bytes: those stay in the stream, which tarfile steps over to reach the next header
+                wanted = not doomed and ext in KNOWN_EXTS
+                error = _member_error(info, ext, current, sample_bytes, wanted)
                 if error is not None:
                     current.setdefault("__error__", error)
-                current[ext] = data
+                doomed = not wanted or error is not None
+                if doomed:
+                    data = b""
+                else:
+                    data = tf.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise tarfile.ReadError(f"member {info.name} is truncated")
+                    sample_bytes += len(data)
+                tf.members = []  # stream mode keeps every TarInfo otherwise: memory grows with the shard
+                if not ext.startswith("__"):
+                    current[ext] = data
             # tarfile stops silently when the data ends exactly at a member boundary; a complete archive
             # has an end-of-archive block of zeros, which tarfile has read iff it moved past the offset.
             if tf.fileobj.tell() - tf.offset < tarfile.BLOCKSIZE:

@@ -1,4 +1,4 @@
-"""Relation-grouping sampler: a stream of items -> batches of P relation groups x K members (DESIGN §4).
+"""Relation-grouping sampler: a stream of items -> batches of P relation groups x K members.
 
 Runs inside each DataLoader worker, after the light decode stage and before any pixel is decoded:
 
@@ -17,7 +17,7 @@ Runs inside each DataLoader worker, after the light decode stage and before any 
   type dominates the batch (a type at its quota is not picked again in that batch);
 - an emitted item is consumed (it appears in exactly one row). When the groups cannot fill the batch,
   the oldest buffered items are evicted as *singleton* rows under the ``self`` relation (group
-  ``self:<item key>``, text ``SELF_TEXT``), so no item is ever dropped;
+  ``self_group(item)``, text ``SELF_TEXT``), so no item is ever dropped;
 - at the end of the stream the buffer is drained the same way; only the last batch may be smaller.
 
 Everything is deterministic in (seed, epoch, rank, worker). ``state_dict()`` records the position
@@ -37,13 +37,25 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 SELF_TYPE = "self"          # relation type of a singleton row (an item that found no group)
 SELF_TEXT = "the same item"  # relation text of a leftover singleton row: neutral, true of every item
+SELF_GROUP_PREFIX = SELF_TYPE + ":"  # group keys of singleton rows (rcml.conditioned leaves them out)
 
 
 class Row(NamedTuple):
-    item: Any     # the buffered item (rcml.decode.Item: .key, .relations, ...)
+    item: Any     # the buffered item (rcml.decode.Item: .key, .url, .relations, ...)
     group: str    # group key; rows anywhere in the world with the same key are positives
     type: str     # relation type
     text: str     # relation text (the item's own wording of this relation)
+
+
+def self_group(item: Any) -> str:
+    """The group of ``item``'s singleton row, a positive of that item only: ``self:<shard url>::<key>``.
+
+    A key is unique only within its dataset: two ``::``-joined sources (or two shards of one) may both
+    hold ``000123``, and a group of the key alone would make those unrelated items positives wherever
+    they meet in a batch, on any rank. No shard url contains ``::`` (it separates sources), so the
+    pair is unambiguous; the same item read twice (resampled shards) keeps one group.
+    """
+    return f"{SELF_GROUP_PREFIX}{item.url}::{item.key}"
 
 
 def stream_seed(*parts: Any) -> int:
@@ -248,7 +260,7 @@ class RelationGroupingSampler:
         grouped = len(rows)
         while len(rows) < target and self._buffer:  # evict the oldest as singletons
             item = self._consume(next(iter(self._buffer)))
-            rows.append(Row(item, f"{SELF_TYPE}:{item.key}", SELF_TYPE, SELF_TEXT))
+            rows.append(Row(item, self_group(item), SELF_TYPE, SELF_TEXT))
         self.stats["batches"] += 1
         self.stats["rows"] += len(rows)
         self.stats["grouped_rows"] += grouped

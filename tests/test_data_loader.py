@@ -59,7 +59,7 @@ def test_batch_contract(data):
         assert sorted(set(batch.row_relation.tolist())) == list(range(R))  # distinct relations of the batch
         for i, key in enumerate(batch.keys):
             s = samples[key]
-            rels = s["relations"] + [{"group": f"self:{key}", "type": "self", "text": SELF_TEXT}]
+            rels = s["relations"] + [{"group": f"self:{s['url']}::{key}", "type": "self", "text": SELF_TEXT}]
             rel = next(r for r in rels if group_id(r["group"]) == batch.group_ids[i].item())  # hashed per key
             assert rel["type"] == batch.relation_types[i]
             ids, mask = tok.encode([rel["text"]], L)

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from rcml.sampler import SELF_TEXT, SELF_TYPE, RelationGroupingSampler, parse_type_weights
+from rcml.sampler import SELF_TEXT, SELF_TYPE, RelationGroupingSampler, parse_type_weights, self_group
 
 
 @dataclass
 class FakeItem:
     key: str
     relations: list[dict] = field(default_factory=list)
+    url: str = "shard-000000.tar"
 
 
 def make_items(n: int, seed: int = 0, types=("colour", "shape", "size"), values=5, p_none=0.1) -> list[FakeItem]:
@@ -51,7 +52,7 @@ def test_batches_cover_every_item_once(P, K, min_group, buffer):
         assert all(min_group <= n <= K for n in groups.values()), groups
         for key, group, rtype, text in b:
             if rtype == SELF_TYPE:
-                assert group == f"self:{key}" and text == SELF_TEXT
+                assert group == self_group(by_key[key]) and text == SELF_TEXT
             else:  # the row carries the item's own relation: its group, type and its own wording
                 assert {"group": group, "type": rtype, "text": text} in by_key[key].relations
 
