@@ -33,27 +33,12 @@ chunk once for both directions (row LSE plus a running column LSE).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from kernels.contrastive_torch import PairLoss, RowLoss, chunk_rows_for, dense_groups
+from kernels.dispatch import IMPLS, resolve_impl
 
-IMPLS = ("auto", "torch", "triton", "reference")
-
-
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA tensors, ``torch`` elsewhere; validates the name."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            f"impl='triton' on {device.type} tensors needs the Triton interpreter: set TRITON_INTERPRET=1 in the "
-            "environment before kernels are imported, move the tensors to a GPU, or use impl='torch'"
-        )
-    return impl
+__all__ = ["IMPLS", "multi_positive_pair_loss", "multi_positive_row_loss", "resolve_impl"]
 
 
 def _check_inputs(rows, cols, row_groups, col_groups, scale, self_offset) -> None:

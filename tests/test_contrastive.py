@@ -6,80 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from kernels.contrastive import multi_positive_pair_loss, multi_positive_row_loss, resolve_impl
-
-
-def make_case(b, n, d, num_groups, *, self_offset=None, dtype=torch.float64, seed=0, row_groups=None):
-    """Random unit-norm rows/cols and group ids; with self_offset the rows are a slice of the cols."""
-    g = torch.Generator().manual_seed(seed)
-    cols = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    col_groups = torch.randint(0, num_groups, (n,), generator=g) * 7919 - 10**12  # sparse, negative int64 ids
-    if self_offset is not None:
-        rows, rg = cols[self_offset : self_offset + b].clone(), col_groups[self_offset : self_offset + b].clone()
-    else:
-        rows = F.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1)
-        rg = col_groups[torch.randint(0, n, (b,), generator=g)] if row_groups is None else row_groups
-    scale = torch.tensor(7.3 + torch.rand((), generator=g).item(), dtype=torch.float64)
-    weights = torch.randn(b, generator=g, dtype=torch.float64)  # random upstream gradient per row
-    return rows.to(dtype), cols.to(dtype), rg, col_groups, scale, weights
-
-
-def with_membership(case, extra_groups=3, width=5, seed=0):
-    """The case with [N, width] column membership: each column's own group, up to ``extra_groups`` other
-    groups of the case (so some columns join the rows' groups under another relation), padded by
-    repeating the own group."""
-    rows, cols, rg, cg, scale, w = case
-    g = torch.Generator().manual_seed(seed)
-    pool = torch.unique(torch.cat([cg, rg]))
-    members = cg[:, None].repeat(1, width)
-    for k in range(cg.shape[0]):
-        extra = pool[torch.randint(0, pool.numel(), (int(torch.randint(0, extra_groups + 1, (), generator=g)),),
-                                   generator=g)]
-        members[k, 1 : 1 + extra.numel()] = extra
-    return rows, cols, rg, members, scale, w
-
-
-def run(impl, case, *, self_offset=None, scale_dtype=None, **kw):
-    """Forward + backward of sum_i w_i row_loss_i; returns (loss, num_pos, d rows, d cols, d scale), float64."""
-    rows, cols, rg, cg, scale, w = case
-    rows, cols = rows.clone().requires_grad_(), cols.clone().requires_grad_()
-    scale = scale.to(scale_dtype or rows.dtype).clone().requires_grad_()
-    loss, num_pos = multi_positive_row_loss(rows, cols, rg, cg, scale, self_offset=self_offset, impl=impl, **kw)
-    assert loss.shape == (rows.shape[0],) and num_pos.dtype == torch.int64
-    (loss.double() * w).sum().backward()
-    return [t.detach().double() for t in (loss, num_pos, rows.grad, cols.grad, scale.grad)]
-
-
-def scale_grad_magnitude(case, self_offset=None):
-    """sum_i |w_i d row_loss_i / ds| in float64: the size of the terms that cancel in d scale.
-
-    The scale gradient sums per-row terms of both signs (and within a row the softmax and positive parts
-    cancel), so its rounding error is relative to this magnitude, not to the (small) result.
-    """
-    rows, cols, rg, cg, scale, w = case
-    rows, cols = rows.double(), cols.double()
-
-    def per_row(s):
-        return multi_positive_row_loss(rows, cols, rg, cg, s, self_offset=self_offset, impl="reference")[0]
-
-    jac = torch.autograd.functional.jacobian(per_row, scale.double())  # [b]
-    return (w.abs() * jac.abs()).sum().reshape(1)
-
-
-def assert_close_rel(actual, expected, rtol, what=""):
-    """Max abs error <= rtol * max |expected| (elementwise relative error is meaningless near 0)."""
-    err = (actual - expected).abs().max().item()
-    ref = max(expected.abs().max().item(), 1e-30)
-    assert err <= rtol * ref, f"{what}: max error {err:.3e} > {rtol:.0e} x {ref:.3e}"
-
-
-def assert_all_close(got, want, rtol, scale_magnitude=None):
-    for name, a, b in zip(("loss", "num_pos", "d_rows", "d_cols", "d_scale"), got, want):
-        assert torch.isfinite(a).all(), name
-        if name == "d_scale" and scale_magnitude is not None:
-            err, size = (a - b).abs().item(), scale_magnitude.item()
-            assert err <= rtol * size, f"d_scale: error {err:.3e} > {rtol:.0e} x {size:.3e}"
-        else:
-            assert_close_rel(a, b, rtol, name)
+from tests.oracles import (assert_all_close, assert_close_rel, make_case, run_row_loss, scale_grad_magnitude,
+                           with_membership)
 
 
 def definition_row_loss(rows, cols, rg, cg, s, self_offset):
@@ -123,8 +51,8 @@ LEAN_CASES = [
 @pytest.mark.parametrize("b,n,d,groups,self_offset,chunk", LEAN_CASES)
 def test_lean_torch_matches_reference_float64(b, n, d, groups, self_offset, chunk):
     case = make_case(b, n, d, groups, self_offset=self_offset, seed=b * n)
-    want = run("reference", case, self_offset=self_offset)
-    got = run("torch", case, self_offset=self_offset, chunk_rows=chunk)
+    want = run_row_loss("reference", case, self_offset=self_offset)
+    got = run_row_loss("torch", case, self_offset=self_offset, chunk_rows=chunk)
     assert_all_close(got, want, 1e-12)
 
 
@@ -133,10 +61,10 @@ def test_lean_torch_membership_matches_reference_float64(b, n, d, groups, self_o
     """Columns in several groups (full membership): more positives per row, same agreement."""
     single = make_case(b, n, d, groups + 3, self_offset=self_offset, seed=b * n + 1)
     case = with_membership(single, seed=b)
-    want = run("reference", case, self_offset=self_offset)
-    got = run("torch", case, self_offset=self_offset, chunk_rows=chunk)
+    want = run_row_loss("reference", case, self_offset=self_offset)
+    got = run_row_loss("torch", case, self_offset=self_offset, chunk_rows=chunk)
     assert_all_close(got, want, 1e-12)
-    assert (want[1] > run("reference", single, self_offset=self_offset)[1]).any()  # membership adds positives
+    assert (want[1] > run_row_loss("reference", single, self_offset=self_offset)[1]).any()  # membership adds positives
 
 
 def test_membership_of_one_group_equals_single_groups():
@@ -145,27 +73,27 @@ def test_membership_of_one_group_equals_single_groups():
     rows, cols, rg, cg, s, w = case
     wide = (rows, cols, rg, cg[:, None].repeat(1, 4), s, w)
     for impl in ("reference", "torch"):
-        assert_all_close(run(impl, wide, chunk_rows=None), run(impl, case), 1e-12)
+        assert_all_close(run_row_loss(impl, wide, chunk_rows=None), run_row_loss(impl, case), 1e-12)
 
 
 @pytest.mark.parametrize("b,n,d,groups,self_offset,chunk", LEAN_CASES)
 def test_lean_torch_fp32_within_1e6_of_float64_reference(b, n, d, groups, self_offset, chunk):
     case = make_case(b, n, d, groups, self_offset=self_offset, seed=b + n)
-    want = run("reference", case, self_offset=self_offset)
+    want = run_row_loss("reference", case, self_offset=self_offset)
     case32 = (case[0].float(), case[1].float(), *case[2:])
-    got = run("torch", case32, self_offset=self_offset, chunk_rows=chunk)
+    got = run_row_loss("torch", case32, self_offset=self_offset, chunk_rows=chunk)
     assert_all_close(got, want, 1e-6, scale_grad_magnitude(case, self_offset))
 
 
 def test_lean_torch_bf16_inputs_accumulate_in_fp32():
     case = make_case(21, 33, 32, 4, seed=5, dtype=torch.bfloat16)
-    got = run("torch", case, chunk_rows=8, scale_dtype=torch.float32)
-    assert got[0].dtype == torch.float64  # (converted by run); the op itself returns fp32:
+    got = run_row_loss("torch", case, chunk_rows=8, scale_dtype=torch.float32)
+    assert got[0].dtype == torch.float64  # (converted by run_row_loss); the op itself returns fp32:
     rows, cols, rg, cg, s, _ = case
     assert multi_positive_row_loss(rows, cols, rg, cg, s.float(), impl="torch")[0].dtype == torch.float32
     # Against the float64 reference on the same (bf16-rounded) inputs: loss and scale gradient carry only
     # fp32 accumulation error; the embedding gradients come back in bf16 (rounding 2^-8 relative).
-    want = run("reference", (rows.double(), cols.double(), *case[2:]))
+    want = run_row_loss("reference", (rows.double(), cols.double(), *case[2:]))
     for name, a, b, rtol in zip(("loss", "num_pos", "d_rows", "d_cols", "d_scale"), got, want,
                                 (1e-5, 0, 8e-3, 8e-3, 1e-5)):
         assert_close_rel(a, b, rtol, name)
@@ -175,7 +103,7 @@ def test_rows_without_positive_and_empty_softmax_give_zero_loss_and_gradient():
     # One column only and the row is that column: no positive and an empty softmax.
     rows, cols, rg, cg, s, w = make_case(1, 1, 8, 1, self_offset=0, seed=3)
     for impl in ("reference", "torch"):
-        loss, num_pos, d_rows, d_cols, d_s = run(impl, (rows, cols, rg, cg, s, w), self_offset=0)
+        loss, num_pos, d_rows, d_cols, d_s = run_row_loss(impl, (rows, cols, rg, cg, s, w), self_offset=0)
         assert num_pos.item() == 0 and loss.item() == 0.0
         assert torch.count_nonzero(d_rows) == 0 and torch.count_nonzero(d_cols) == 0 and d_s.item() == 0.0
 
@@ -184,8 +112,8 @@ def test_rows_with_groups_absent_from_columns_get_zero_loss():
     rows, cols, rg, cg, s, w = make_case(6, 15, 10, 3, seed=4)
     rg = rg.clone()
     rg[::2] = 123456789  # not among the column groups
-    want = run("reference", (rows, cols, rg, cg, s, w))
-    got = run("torch", (rows, cols, rg, cg, s, w), chunk_rows=4)
+    want = run_row_loss("reference", (rows, cols, rg, cg, s, w))
+    got = run_row_loss("torch", (rows, cols, rg, cg, s, w), chunk_rows=4)
     assert (want[1][::2] == 0).all() and (want[0][::2] == 0).all() and (want[0][1::2] != 0).all()
     assert_all_close(got, want, 1e-12)
 

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_kernels_benchmark_smoke_contrastive(tmp_path):
     out = tmp_path / "kernels_smoke.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")

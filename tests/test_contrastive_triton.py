@@ -7,8 +7,8 @@ import torch
 
 from kernels.contrastive import multi_positive_row_loss
 from kernels.contrastive_triton import TritonBlocks, blocks
-from tests.test_contrastive import (assert_all_close, assert_close_rel, make_case, run, scale_grad_magnitude,
-                                    with_membership)
+from tests.oracles import (assert_all_close, assert_close_rel, make_case, run_row_loss, scale_grad_magnitude,
+                           with_membership)
 
 SMALL = dict(fwd_m=16, fwd_n=16, bwd_m=16, bwd_n=32, block_d=16)  # several tiles on tiny problems
 
@@ -23,12 +23,12 @@ CASES = [
 @pytest.mark.parametrize("b,n,d,groups,self_offset", CASES)
 def test_triton_fp32_matches_float64_reference(b, n, d, groups, self_offset):
     case = make_case(b, n, d, groups, self_offset=self_offset, seed=b * d)
-    want = run("reference", case, self_offset=self_offset)
+    want = run_row_loss("reference", case, self_offset=self_offset)
     if groups == n:  # the singleton case really has rows without positives
         assert (want[1] == 0).sum() > b // 4
     case32 = (case[0].float(), case[1].float(), *case[2:])
     with blocks(**SMALL):
-        got = run("triton", case32, self_offset=self_offset)
+        got = run_row_loss("triton", case32, self_offset=self_offset)
     assert_all_close(got, want, 1e-6, scale_grad_magnitude(case, self_offset))
 
 
@@ -36,17 +36,17 @@ def test_triton_fp32_matches_float64_reference(b, n, d, groups, self_offset):
 def test_triton_membership_matches_float64_reference(self_offset):
     """Columns in several groups ([N, M] membership ids tested in the tile): forward and every gradient."""
     case = with_membership(make_case(21, 47, 24, 6, self_offset=self_offset, seed=17), seed=3)
-    want = run("reference", case, self_offset=self_offset)
+    want = run_row_loss("reference", case, self_offset=self_offset)
     case32 = (case[0].float(), case[1].float(), *case[2:])
     with blocks(**SMALL):
-        got = run("triton", case32, self_offset=self_offset)
+        got = run_row_loss("triton", case32, self_offset=self_offset)
     assert_all_close(got, want, 1e-6, scale_grad_magnitude(case, self_offset))
 
 
 def test_triton_default_blocks_single_tile_masking():
     case = make_case(23, 31, 20, 4, seed=11)
-    want = run("reference", case)
-    got = run("triton", (case[0].float(), case[1].float(), *case[2:]), scale_dtype=torch.float32)
+    want = run_row_loss("reference", case)
+    got = run_row_loss("triton", (case[0].float(), case[1].float(), *case[2:]), scale_dtype=torch.float32)
     assert_all_close(got, want, 1e-6, scale_grad_magnitude(case))
 
 
@@ -54,11 +54,11 @@ def test_triton_default_blocks_single_tile_masking():
 def test_triton_bf16_within_bf16_tolerance(self_offset):
     case = make_case(27, 41, 48, 4, self_offset=self_offset, seed=13, dtype=torch.bfloat16)
     with blocks(**SMALL):
-        got = run("triton", case, self_offset=self_offset, scale_dtype=torch.float32)
+        got = run_row_loss("triton", case, self_offset=self_offset, scale_dtype=torch.float32)
     rows, cols = case[0], case[1]
     loss, _ = multi_positive_row_loss(rows, cols, case[2], case[3], case[4].float(), impl="triton")
     assert loss.dtype == torch.float32
-    want = run("reference", (rows.double(), cols.double(), *case[2:]), self_offset=self_offset)
+    want = run_row_loss("reference", (rows.double(), cols.double(), *case[2:]), self_offset=self_offset)
     # fp32 accumulation of bf16 values; embedding gradients are returned in bf16.
     for name, a, b, rtol in zip(("loss", "num_pos", "d_rows", "d_cols"), got, want, (1e-5, 0, 8e-3, 8e-3)):
         assert_close_rel(a, b, rtol, name)

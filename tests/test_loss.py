@@ -1,81 +1,11 @@
 """rcml.loss.relation_contrastive_loss in one process: the four terms and all gradients against a naive
 float64 implementation of the loss in rcml/loss.py's docstring, OpenCLIP's own ClipLoss for singleton groups, weights."""
 
-import importlib.util
-import os
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rcml.loss import relation_contrastive_loss
-
-
-def load_open_clip_loss():
-    """open_clip's loss.py by path (importing open_clip itself needs torchvision, which is absent here)."""
-    root = importlib.util.find_spec("open_clip").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("open_clip_loss", os.path.join(root, "loss.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def naive_terms(u, t, g, s, members=None):
-    """The four terms of the loss from full N x N matrices and a positive mask (float64 oracle).
-    ``members``: one set of group ids per row (its item's groups); positives then are {k : g_i in members[k]}."""
-    n = u.shape[0]
-    if members is None:
-        pos = g[:, None] == g[None, :]
-    else:
-        pos = torch.tensor([[int(g[i]) in members[k] for k in range(n)] for i in range(n)])
-    eye = torch.eye(n, dtype=torch.bool)
-
-    def term(a, b, intra):
-        z = s * a @ b.T  # [N, N]
-        p = pos & ~eye if intra else pos
-        if intra:
-            z = z.masked_fill(eye, float("-inf"))
-        has = p.sum(1) > 0
-        rows = torch.logsumexp(z[has], 1) - torch.where(p[has], z[has], 0).sum(1) / p[has].sum(1)
-        return rows.sum() / (max(int(has.sum()), 1) if intra else n)
-
-    return {"it": term(u, t, False), "ti": term(t, u, False), "ii": term(u, u, True), "tt": term(t, t, True)}
-
-
-def naive_loss(u, t, g, s, w_inter=1.0, w_intra=1.0, members=None):
-    terms = naive_terms(u, t, g, s, members)
-    return {"loss": w_inter * (terms["it"] + terms["ti"]) / 2 + w_intra * (terms["ii"] + terms["tt"]) / 2, **terms}
-
-
-def make_batch(n, d, group_sizes, *, dtype=torch.float64, seed=0):
-    """Unit-norm embeddings, text correlated with image, int64 group ids from a list of group sizes (shuffled)."""
-    assert sum(group_sizes) == n
-    gen = torch.Generator().manual_seed(seed)
-    u = F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
-    t = F.normalize(u + 0.8 * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
-    ids = torch.randint(-(2**62), 2**62, (len(group_sizes),), generator=gen)
-    g = torch.cat([ids[i].repeat(k) for i, k in enumerate(group_sizes)])[torch.randperm(n, generator=gen)]
-    s = torch.tensor(12.0 + torch.rand((), generator=gen).item(), dtype=torch.float64)
-    return u.to(dtype), t.to(dtype), g, s
-
-
-def make_members(g, *, max_extra=3, seed=0):
-    """Each row's item in its own group plus 0..max_extra other groups of the batch: list of sets."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.unique(g)
-    out = []
-    for gi in g.tolist():
-        extra = ids[torch.randint(0, ids.numel(), (int(torch.randint(0, max_extra + 1, (), generator=gen)),),
-                                  generator=gen)]
-        out.append({gi, *extra.tolist()})
-    return out
-
-
-def pad_members(members, g):
-    """Sets -> int64 [n, M] (M = the largest set here, at least 1), padded by repeating the row's group."""
-    width = max([len(m) for m in members] + [1])
-    return torch.tensor([sorted(m) + [int(gi)] * (width - len(m)) for m, gi in zip(members, g.tolist())],
-                        dtype=torch.int64).reshape(len(members), width)
+from tests.oracles import load_open_clip_loss, make_batch, make_members, naive_loss, naive_terms, pad_members
 
 
 def loss_and_grads(fn, u, t, g, s):

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.test_loss import load_open_clip_loss, make_batch, make_members, naive_loss, pad_members
+from tests.oracles import load_open_clip_loss, make_batch, make_members, naive_loss, pad_members
 
 WORLD = 2
 D = 12

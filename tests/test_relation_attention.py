@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from kernels import relation_attention as ra
 from kernels.relation_attention import relation_attention, resolve_impl
+from kernels.relation_attention_triton import BLOCK_T
 
 # (relations R, items I, tokens T, heads H, head_dim Dh, rows B). T=37 and T=70 are not multiples of
 # BLOCK_T (32), T=5 is below it; Dh=24 / 20 are not powers of two.
@@ -118,7 +118,7 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
 
 
 def test_triton_tiles_are_gpu_legal():
-    assert ra.BLOCK_T >= 16 and ra.BLOCK_T & (ra.BLOCK_T - 1) == 0
+    assert BLOCK_T >= 16 and BLOCK_T & (BLOCK_T - 1) == 0
 
 
 def test_benchmark_script_runs_on_cpu():
