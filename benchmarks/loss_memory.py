@@ -42,7 +42,7 @@ def _loss_fn(method: str):
 
     if method == "clip":
         sys.path.insert(0, str(REPO))
-        from tests.test_loss import load_open_clip_loss
+        from tests.oracles import load_open_clip_loss
 
         clip = load_open_clip_loss().ClipLoss()
         return lambda u, t, g, s: clip(u, t, s)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from data_prep.inspect import inspect_shards
 from data_prep.synthetic import build
-from tests.test_data_decode import bad_sample, good_members, write_tar
+from tests.shard_samples import bad_sample, good_members, write_tar
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from rcml.data import CLIP_MEAN, CLIP_STD, _mix, build_loader, image_transform, 
 from rcml.decode import BadSampleError
 from rcml.sampler import SELF_TEXT
 from rcml.tokenizer import TextTokenizer
-from tests.test_data_decode import bad_sample, good_members, write_tar
+from tests.shard_samples import bad_sample, good_members, write_tar
 
 
 @pytest.fixture(scope="module")

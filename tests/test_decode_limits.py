@@ -15,7 +15,7 @@ import pytest
 from rcml import decode
 from rcml.data import iter_samples
 from rcml.decode import BadSampleError, SkipCounter, iter_items, iter_tar_samples
-from tests.test_data_decode import MAX_PIXELS, good_members, write_tar
+from tests.shard_samples import MAX_PIXELS, good_members, write_tar
 
 MEMBER_CAP, SAMPLE_CAP = 5_003, 11_017  # small caps keep the crafted shards small
 

@@ -6,7 +6,6 @@ import json
 import os
 import random
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,28 +21,7 @@ from rcml.eval.metrics import HIT_COLUMNS, MODALITIES, SIMILARITIES
 from rcml.eval.plan import RowTable, build_index, plan_gallery, plan_queries
 from rcml.model import build_model
 from rcml.tokenizer import TextTokenizer
-
-L, S = 12, 16  # context length, image size
-
-SIZE = {"embed_dim": 24, "pool_heads": 2,
-        "vision": {"image_size": S, "patch_size": 8, "width": 16, "layers": 1, "heads": 2, "mlp_ratio": 2},
-        "text": {"width": 16, "layers": 1, "heads": 2, "mlp_ratio": 2}}
-
-
-def make_samples(n=31, seed=0):
-    rng = random.Random(seed)
-    colours, shapes = ["red", "green", "blue"], ["circle", "square", "star", "moon", "heart"]
-    out = []
-    for i in range(n):
-        c, s = rng.choice(colours), rng.choice(shapes)
-        pixels = np.random.RandomState(seed * 1000 + i).randint(0, 256, (S + 3, S + 1, 3), dtype=np.uint8)
-        rels = [{"group": f"colour:{c}", "type": "colour", "text": f"both are {c}"},
-                {"group": f"shape:{s}", "type": "shape", "text": f"both are {s}s"}]
-        if i % 3 == 0:
-            rels.append({"group": f"tag:{i % 2}", "type": "tag", "text": f"tagged {'odd' if i % 2 else 'even'}"})
-        out.append({"key": f"item{i:03d}", "image": Image.fromarray(pixels), "caption": f"a {c} {s} numbered {i}",
-                    "relations": rels})
-    return out
+from tests.eval_samples import SIZE, L, S, make_samples
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     from rcml.export import consolidated_state_dict
     from rcml.model import RCMLModel, build_model
     from rcml.tokenizer import TextTokenizer
-    from tests.test_eval import L, make_samples
+    from tests.eval_samples import L, make_samples
 
     S = 32  # the tiny model's patch size is 8
 

@@ -15,7 +15,7 @@ from rcml.config import DataConfig
 from rcml.data import build_loader
 from rcml.sampler import SELF_TYPE, RelationGroupingSampler, self_group
 from rcml.tokenizer import TextTokenizer
-from tests.test_data_decode import good_members, write_tar
+from tests.shard_samples import good_members, write_tar
 
 SOURCES = ("alpha", "beta")
 COLOURS = ("red", "green", "blue")

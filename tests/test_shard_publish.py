@@ -23,7 +23,7 @@ from data_prep.manifest import BuildError
 from rcml.config import DataConfig
 from rcml.data import build_loader
 from rcml.shard_manifest import check_manifest
-from tests.test_build_shards import MAX_PIXELS, _image, make_inputs
+from tests.item_tables import MAX_PIXELS, _image, make_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 

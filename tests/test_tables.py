@@ -19,7 +19,7 @@ import pytest
 import data_prep.manifest as manifest_module
 from data_prep.build_shards import build_shards
 from data_prep.manifest import ITEM_COLUMNS, RELATION_COLUMNS, BuildError, read_table
-from tests.test_build_shards import MAX_PIXELS, make_inputs
+from tests.item_tables import MAX_PIXELS, make_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
