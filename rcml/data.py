@@ -1,6 +1,6 @@
 """Shard URLs -> WebDataset stream -> relation-grouped ``Batch``es, with an exactly resumable position.
 
-One logical DataLoader worker runs this pipeline (DESIGN §2)::
+One logical DataLoader worker runs this pipeline::
 
     sources "a::b" (brace-expanded, weights "3::1")
       per source: shard list (epoch: seeded permutation, split by rank then by worker | resampled: draws)
@@ -27,7 +27,10 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import random
+import signal
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -392,6 +395,34 @@ def _merge(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     return {k: a.get(k, 0) + b.get(k, 0) for k in sorted(a.keys() | b.keys())}
 
 
+LINUX = sys.platform.startswith("linux")
+
+
+class DieWithRank:
+    """``worker_init_fn``: the kernel SIGKILLs a DataLoader worker when its rank dies (Linux ``prctl``).
+
+    A rank killed by SIGKILL cannot stop its workers. torch's own parent check (every 5 s) ends a worker's
+    loop, but the worker then waits for its results to be written to the dead rank's pipe (or for that
+    pipe's lock): once the pipe is full it never exits and lives on, reparented to init. The death signal
+    is tied to the thread that started the worker (the rank's main thread, which iterates the loader).
+    Elsewhere than Linux the workers rely on torch's parent check alone.
+    """
+
+    PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+    def __init__(self) -> None:
+        self.rank_pid = os.getpid()  # picklable state: also right for spawned or forkserver workers
+
+    def __call__(self, worker_id: int) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(self.PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"DataLoader worker {worker_id}: prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != self.rank_pid:  # the rank died between starting the worker and the prctl
+            os._exit(1)
+
+
 def build_loader(cfg: DataConfig, tokenizer, *, mode: str, rank: int, world_size: int, seed: int, epoch: int = 0,
                  start_batch: int = 0, urls: str | None = None, train: bool = True,
                  cond_candidates: int = 0) -> torch.utils.data.DataLoader:
@@ -427,5 +458,6 @@ def build_loader(cfg: DataConfig, tokenizer, *, mode: str, rank: int, world_size
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
                                        pin_memory=torch.cuda.is_available(),
                                        prefetch_factor=4 if cfg.workers > 0 else None,
-                                       persistent_workers=False)
+                                       persistent_workers=False,
+                                       worker_init_fn=DieWithRank() if cfg.workers > 0 and LINUX else None)
 
