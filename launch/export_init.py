@@ -7,7 +7,9 @@ Builds the model exactly as ``launch/pretrain.py`` would describe it (same confi
 and ``seed``), in one process and without DeepSpeed, and writes a normal export directory that
 ``launch/evaluate.py`` and ``rcml.from_pretrained`` load. Weights are those of ``torch.manual_seed(seed)``
 followed by the towers' own initialization (a ZeRO-3 run initializes partitioned weights in another
-order, so its step-0 weights differ; both are draws from the same initialization).
+order, so its step-0 weights differ; both are draws from the same initialization). With ``model.init_from``
+the towers, projections and logit scale are the pretrained CLIP's (its zero-shot floor) and only the
+relation pooling is random.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg.model, vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id,
                         context_length=cfg.data.context_length, image_size=cfg.data.image_size)
     state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
-    out = write_export(Path(args.out), state, model.spec, tokenizer_path, dumps(cfg))
+    out = write_export(Path(args.out), state, model.spec, tokenizer_path, dumps(cfg), step=0)
     print(f"exported the initial {cfg.model.mode} model (seed {cfg.seed}, {len(state)} tensors) to {out}")
     return 0
 

@@ -18,7 +18,8 @@ by the data pipeline), the model is exactly CLIP and has no pooling modules at a
 The architecture is fully described by ``RCMLModel.spec`` (a JSON-serializable dict: tower configs,
 joint width, pool heads, mode, beta, tokenizer ids, context length, image size); ``from_spec`` rebuilds
 it with random weights, ``build_model`` makes the spec from a ``ModelConfig`` and loads local
-pretrained towers when ``model.vision_path`` / ``model.text_path`` are set.
+pretrained weights: a whole CLIPModel with ``model.init_from``, or single towers with
+``model.vision_path`` / ``model.text_path``.
 
 ZeRO-3: every parameter is created and initialized in a module constructor (the model is built under
 ``deepspeed.zero.Init``), and parameters are only read by calling their modules, or in ``forward``
@@ -28,6 +29,7 @@ for ``logit_scale`` (exp'd and clamped there, never modified in place).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Any
 
@@ -41,6 +43,8 @@ from rcml.batch import Batch
 from rcml.config import MIXES, ModelConfig
 from rcml.model_pooling import ItemFeatures, RelationPooling
 from rcml.model_size import load_size
+
+log = logging.getLogger(__name__)
 
 SPEC_FORMAT = "rcml-model/1"
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -214,28 +218,37 @@ def _check_spec(spec: dict[str, Any]) -> None:
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id: int, eos_id: int, context_length: int,
                 image_size: int, impl: str = "auto") -> RCMLModel:
-    """ModelConfig + tokenizer ids + data sizes -> RCMLModel (random init, or local pretrained towers).
+    """ModelConfig + tokenizer ids + data sizes -> RCMLModel (random init, or local pretrained weights).
 
     ``cfg.name``: ``tiny`` | ``base`` | path to a size JSON (configs/model/). With ``cfg.vision_path`` /
     ``cfg.text_path`` the tower configs come from those transformers directories (CLIPVisionModel /
     CLIPTextModel, or a full CLIPModel, whose projections and logit scale are loaded too) and the size
-    JSON only gives embed_dim and pool_heads. Call it inside ``deepspeed.zero.Init`` for ZeRO-3.
+    JSON only gives embed_dim and pool_heads. ``cfg.init_from`` (a CLIPModel directory) loads both towers,
+    both projections and the logit scale, and the joint width is the checkpoint's ``projection_dim``: the
+    size JSON only gives pool_heads. Only the relation pooling keeps a fresh init. Call it inside
+    ``deepspeed.zero.Init`` for ZeRO-3.
     """
     size = load_size(cfg.name)
     tok = dict(vocab_size=vocab_size, pad_id=pad_id, bos_id=bos_id, eos_id=eos_id)
     if not all(0 <= i < vocab_size for i in (pad_id, bos_id, eos_id)):
         raise ValueError(f"special token ids {tok} must lie inside the vocabulary")
-    vision = (model_towers.pretrained_vision_config(cfg.vision_path, image_size) if cfg.vision_path
+    if cfg.init_from:
+        model_towers.check_own_tokenizer(cfg.init_from, **tok)
+    vision_path = cfg.init_from or cfg.vision_path
+    text_path = cfg.init_from or cfg.text_path
+    keys = ("model.init_from",) * 2 if cfg.init_from else ("model.vision_path", "model.text_path")
+    vision = (model_towers.pretrained_vision_config(vision_path, image_size, keys[0]) if vision_path
               else model_towers.vision_config(size, image_size))
-    text = (model_towers.pretrained_text_config(cfg.text_path, context_length=context_length, **tok) if cfg.text_path
-            else model_towers.text_config(size, context_length=context_length, **tok))
+    text = (model_towers.pretrained_text_config(text_path, context_length=context_length, key=keys[1], **tok)
+            if text_path else model_towers.text_config(size, context_length=context_length, **tok))
+    embed_dim = model_towers.pretrained_embed_dim(cfg.init_from) if cfg.init_from else int(size["embed_dim"])
     spec = {
         "format": SPEC_FORMAT,
         "name": cfg.name,
         "mode": cfg.mode,
         "beta": 1.0 if cfg.mode == "clip" else float(cfg.beta),
         "mix": cfg.mix,
-        "embed_dim": int(size["embed_dim"]),
+        "embed_dim": embed_dim,
         "pool_heads": int(size["pool_heads"]),
         "image_size": int(image_size),
         "context_length": int(context_length),
@@ -244,11 +257,15 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id: int, 
         "text_config": text.to_dict(),
     }
     model = RCMLModel(spec, impl=impl)
-    if cfg.vision_path:
-        model_towers.load_pretrained(cfg.vision_path, model.vision, ("vision_model.", ""),
-                                     {"visual_projection.weight": model.visual_projection.weight,
-                                      "logit_scale": model.logit_scale})
-    if cfg.text_path:
-        model_towers.load_pretrained(cfg.text_path, model.text, ("text_model.", ""),
-                                     {"text_projection.weight": model.text_projection.weight})
+    whole = bool(cfg.init_from)  # a whole CLIPModel must hold its projections and logit scale
+    if vision_path:
+        what = model_towers.load_pretrained(vision_path, model.vision, ("vision_model.", ""),
+                                            {"visual_projection.weight": model.visual_projection.weight,
+                                             "logit_scale": model.logit_scale}, extra_required=whole)
+        log.info("%s: vision tower <- %s/model.safetensors: %s", keys[0], vision_path, what)
+    if text_path:
+        what = model_towers.load_pretrained(text_path, model.text, ("text_model.", ""),
+                                            {"text_projection.weight": model.text_projection.weight},
+                                            extra_required=whole)
+        log.info("%s: text tower <- %s/model.safetensors: %s", keys[1], text_path, what)
     return model

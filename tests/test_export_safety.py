@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import rcml.model
 from data_prep.train_tokenizer import build_tokenizer
 from rcml.config import ModelConfig
-from rcml.export import from_pretrained, write_export
+from rcml.export import from_pretrained, read_weights, write_export
 from rcml.model import build_model
 from rcml.tokenizer import TextTokenizer
 
@@ -74,7 +74,7 @@ def built_for_real(monkeypatch):
 def test_spec_edited_to_a_huge_width_is_refused_before_building(export, built_for_real):
     m = from_pretrained(export)  # intact: passes the checks, is built once for real, holds the stored weights
     assert built_for_real == [SIZE["text"]["width"]]
-    stored = load_file(str(export / "model.safetensors"))
+    stored = read_weights(export)  # model.safetensors and rcml_pooling.safetensors, under the model's names
     assert stored.keys() == m.model.state_dict().keys()
     for k, v in m.model.state_dict().items():
         torch.testing.assert_close(v, stored[k], rtol=0, atol=0)
