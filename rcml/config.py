@@ -57,6 +57,8 @@ class ModelConfig:
     mix: str = "normalized"         # normalized: global and pooled unit-norm before the mix | legacy: raw vectors
     vision_path: str = ""           # optional local transformers directory (CLIPVisionModel)
     text_path: str = ""             # optional local transformers directory (CLIPTextModel)
+    init_from: str = ""             # optional local CLIPModel directory: both towers, projections, logit scale,
+                                    # and its tokenizer when data.tokenizer is empty
 
 
 @dataclass
@@ -80,7 +82,9 @@ class TrainConfig:
     keep_checkpoints: int = 3       # newest complete checkpoints kept
     eval_every: int = 0             # 0 = only at the end
     max_nonfinite_steps: int = 5    # consecutive non-finite losses before aborting
-    collective_timeout_s: int = 60  # a dead rank fails the job instead of hanging
+    collective_timeout_s: int = 60  # per step: a dead rank fails the job instead of hanging
+    phase_timeout_s: int = 1800     # start-up (incl. a resumed loader's fast-forward), checkpoints, evaluation,
+                                    # export: the ranks drift apart there (rcml/train/distributed.py)
     stop_grace_s: int = 90          # after SIGTERM/SIGUSR1: time to reach the next step and checkpoint
     export: bool = True             # write <out_dir>/export at the end (rcml.from_pretrained loads it)
     overwrite: bool = False         # a fresh start in an out_dir holding another run deletes that run's files
@@ -236,12 +240,16 @@ def validate(cfg: RunConfig) -> None:
     need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     need(t.stop_grace_s >= 1, "train.stop_grace_s", "must be >= 1 second")
     need(t.collective_timeout_s >= 5, "train.collective_timeout_s", "must be >= 5 seconds")
+    need(t.phase_timeout_s >= t.collective_timeout_s, "train.phase_timeout_s",
+         f"must be >= train.collective_timeout_s ({t.collective_timeout_s}), got {t.phase_timeout_s}")
     need(d.workers >= 0, "data.workers", "must be >= 0")
     need(d.image_size >= 8, "data.image_size", "must be >= 8")
     need(d.max_image_pixels > 0, "data.max_image_pixels", f"must be > 0, got {d.max_image_pixels}")
     for where, seed in (("seed", cfg.seed), ("eval.seed", cfg.eval.seed)):
         need(0 <= seed < 2**63, where, f"must be in [0, 2^63) (torch and numpy seeds are 64-bit), got {seed}")
-    if not m.vision_path:  # a pretrained tower brings its own patch size, checked when it is loaded
+    need(not m.init_from or not (m.vision_path or m.text_path), "model.init_from",
+         "loads both towers from one CLIPModel directory: leave model.vision_path and model.text_path empty")
+    if not m.vision_path and not m.init_from:  # a pretrained tower brings its own patch size, checked when loaded
         from rcml.model_size import load_size  # torch-free
 
         try:

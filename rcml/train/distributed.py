@@ -3,6 +3,15 @@
 The launchers (deepspeed, torchrun, srun) export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
 MASTER_PORT; we only initialize from them. The collective timeout is what turns a dead peer into an
 error on every surviving rank instead of a hang (see README, "Failing fast").
+
+Two timeouts, as torchtitan has them: steps run under a short one (``train.collective_timeout_s``: a dead
+rank fails the job within a minute); start-up (until the first step is done, which includes a resumed
+loader's fast-forward), checkpoints, evaluations and the export run under a long one
+(``train.phase_timeout_s``), because in those the ranks legitimately drift apart: one rank hashes more
+files, rank 0 writes reports, prunes and logs while the others wait at the phase's closing barrier.
+The switch is local to each rank (no collective); every phase ends with a barrier under the long
+timeout, so no rank enters the next step's collectives, under the short one, while another rank is
+still inside the phase.
 """
 
 from __future__ import annotations
@@ -10,7 +19,9 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -51,6 +62,24 @@ def init_distributed(timeout_s: int) -> WorldInfo:
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(local_rank))
     return WorldInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """The default group's timeout for every later collective on this rank (NCCL and gloo)."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # the call torchtitan makes for this
+
+    _set_pg_timeout(datetime.timedelta(seconds=seconds))
+
+
+@contextmanager
+def long_phase(long_s: float, short_s: float) -> Iterator[None]:
+    """Collectives inside wait up to ``long_s``; a closing barrier (still under ``long_s``), then ``short_s``."""
+    set_collective_timeout(long_s)
+    try:
+        yield
+        dist.barrier()
+    finally:
+        set_collective_timeout(short_s)
 
 
 def all_reduce_max(flag: bool | float, device: torch.device) -> float:

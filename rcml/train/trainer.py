@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from rcml.config import RunConfig, save_config
 from rcml.train import checkpoint, run_dir
-from rcml.train.distributed import WorldInfo, all_reduce_max, init_distributed, sum_counters
+from rcml.train.distributed import (WorldInfo, all_reduce_max, init_distributed, long_phase, set_collective_timeout,
+                                    sum_counters)
 from rcml.train.ds_config import load_ds_config, uses_bf16, zero_stage
 from rcml.train.signals import StopRequest
 from rcml.train.tracking import flatten_ds_config, make_tracker
@@ -67,11 +68,14 @@ def positive_groups(batch, positives: str) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def find_tokenizer(cfg: RunConfig) -> Path:
-    if cfg.data.tokenizer:
-        path = Path(cfg.data.tokenizer)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.tokenizer: {path} does not exist")
+    from rcml.tokenizer import tokenizer_file
+
+    if cfg.model.init_from and not cfg.data.tokenizer:  # a pretrained CLIP comes with its own tokenizer
+        path = tokenizer_file(cfg.model.init_from, "model.init_from")
+        log.info("data.tokenizer: %s (the tokenizer of model.init_from)", path)
         return path
+    if cfg.data.tokenizer:  # a tokenizer.json, or a Hugging Face tokenizer folder holding one
+        return tokenizer_file(cfg.data.tokenizer, "data.tokenizer")
     import braceexpand
 
     first = next(iter(braceexpand.braceexpand(cfg.data.train.split("::")[0])))
@@ -89,7 +93,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, ds_config_path: str, resume: str | None,
                  ds_overrides: list[str] | None = None) -> None:
         self.cfg = cfg
-        self.world: WorldInfo = init_distributed(cfg.train.collective_timeout_s)
+        # start-up runs under the long timeout until the first step is done (rcml/train/distributed.py)
+        self.world: WorldInfo = init_distributed(cfg.train.phase_timeout_s)
         setup_logging(self.world.rank)
         self.out_dir = Path(cfg.train.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -235,6 +240,7 @@ class Trainer:
             bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True, file=sys.stdout)
         self.engine.train()
         status = "FINISHED"
+        first_step = True
         try:
             while self.step < cfg.train.steps:
                 terms_sum = torch.zeros(len(LOGGED))  # summed over micro-batches
@@ -261,6 +267,9 @@ class Trainer:
                     self.engine.step()
                     terms_sum += torch.stack([losses[k].detach().float().cpu() for k in LOGGED])
                 self.step += 1
+                if first_step:  # every rank is past start-up (and a resumed loader's fast-forward)
+                    set_collective_timeout(cfg.train.collective_timeout_s)
+                    first_step = False
                 if cfg.train.record_keys:
                     self._record_keys(self.step, step_keys)
                 if bad:
@@ -294,7 +303,9 @@ class Trainer:
             # export before the final evaluation: nothing in an evaluation may cost the trained model
             if cfg.train.export:
                 self.export()
-            self.evaluate()
+            report = self.evaluate()
+            if report is not None and cfg.train.export and world.is_main:
+                self._card_with_evaluation(report)
             return 0
         except BaseException:
             status = "FAILED"
@@ -345,7 +356,14 @@ class Trainer:
                      metrics["skipped_total"])
 
     # ------------------------------------------------------------------ state
+    def _phase(self):
+        return long_phase(self.cfg.train.phase_timeout_s, self.cfg.train.collective_timeout_s)
+
     def save(self) -> None:
+        with self._phase():
+            self._save()
+
+    def _save(self) -> None:
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                  "skipped": dict(self.skipped), "nonfinite_total": self.nonfinite_total,
                  "rng": checkpoint.rng_state(), "world_size": self.world.world_size,
@@ -358,6 +376,10 @@ class Trainer:
     def evaluate(self) -> dict[str, Any] | None:
         if not self.cfg.data.val:
             return None
+        with self._phase():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, Any]:
         from rcml.data import iter_samples
         from rcml.eval import evaluate, flat_numbers, write_report
 
@@ -387,19 +409,30 @@ class Trainer:
                 self.tracker.log_artifact(out, f"eval/step_{self.step:08d}")
             except Exception:
                 log.exception("eval step %d: writing or logging the report failed; training goes on", self.step)
-        dist.barrier()
-        return report
+        return report  # the phase's closing barrier: the other ranks wait for rank 0's file work there
+
+    def _card_with_evaluation(self, report: dict[str, Any]) -> None:
+        """The export's model card gains the final evaluation (the export itself is written before it)."""
+        from rcml.model_card import write_model_card
+
+        try:
+            write_model_card(self.out_dir / "export", step=self.step, eval_report=report)
+        except Exception:
+            log.exception("adding the final evaluation to the export's model card failed; the export is intact")
 
     def export(self) -> None:
+        with self._phase():
+            self._export()
+
+    def _export(self) -> None:
         from rcml.export import consolidated_state_dict, write_export
 
         state = consolidated_state_dict(self.engine.module, self.world.is_main)
         if self.world.is_main:
             out = write_export(self.out_dir / "export", state, self.spec, self.tokenizer_path,
-                               (self.out_dir / "run_config.yaml").read_text())
+                               (self.out_dir / "run_config.yaml").read_text(), step=self.step)
             log.info("exported %d tensors to %s (load with rcml.from_pretrained)", len(state), out)
             self.tracker.log_artifact(out / "spec.json", "export")
-        dist.barrier()
 
 
 def batch_metrics(stats: dict[str, int]) -> dict[str, float]:
