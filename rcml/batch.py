@@ -22,6 +22,11 @@ def group_id(key: str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
+def item_identity(url: str, key: str) -> int:
+    """The hashed identity of one item: ``group_id("item:<shard url>::<key>")`` (no url contains ``::``)."""
+    return group_id(f"item:{url}::{key}")
+
+
 def clip_mode_text(caption: str, relation_text: str) -> str:
     """How the CLIP baseline sees a relation: appended to the caption (the paper's baseline input)."""
     return f"{caption} {relation_text}".strip()
@@ -76,6 +81,9 @@ class Batch:
     cond_relation: torch.Tensor | None = None   # long [C] its relation (index into relation_ids)
     cond_slice: torch.Tensor | None = None      # long [C] slice (one per relation group), contiguous
     cond_member: torch.Tensor | None = None     # bool [C] the item is a member of the slice's group
+    # int64 [I] hash of (shard url, key): an item's identity over sources and ranks (a key alone is unique
+    # only within its dataset); loss.positives=item makes each row a positive of its own item only
+    item_ids: torch.Tensor | None = None
     keys: list[str] = field(default_factory=list)            # [I] item ids
     relation_types: list[str] = field(default_factory=list)  # [B]
     skipped: dict[str, int] = field(default_factory=dict)    # skipped samples by reason since last batch

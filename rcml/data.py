@@ -40,7 +40,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from rcml.batch import Batch, batch_stats, clip_mode_text, group_id, member_group_ids
+from rcml.batch import Batch, batch_stats, clip_mode_text, group_id, item_identity, member_group_ids
 from rcml.conditioned import conditioned_rows
 from rcml.config import DataConfig
 from rcml.decode import SkipCounter, iter_items, load_image
@@ -364,6 +364,7 @@ class GroupedStream(torch.utils.data.IterableDataset):
             row_item=torch.arange(n), row_relation=torch.tensor(row_relation, dtype=torch.long),
             group_ids=torch.tensor([group_id(g) for g in row_groups], dtype=torch.int64),
             member_groups=member_group_ids(row_groups, item_groups),
+            item_ids=torch.tensor([item_identity(row.item.url, row.item.key) for row in kept], dtype=torch.int64),
             keys=[row.item.key for row in kept], relation_types=[row.type for row in kept],
             skipped=skipped, worker=worker, index=index,
             stats=batch_stats(row_groups, [row.type for row in kept], item_groups) | truncation, **cond)

@@ -37,8 +37,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     texts = [s["caption"] for s in samples] + [r["text"] for s in samples for r in s["relations"]]
     tok = TextTokenizer(build_tokenizer(iter(texts * 3), 300))
     # the project's ZeRO-3 settings and the tiny model: its large matrices are partitioned
-    ds = json.loads((REPO / "configs" / "zero3.json").read_text())
-    ds["train_micro_batch_size_per_gpu"] = 4
+    from rcml.config import load_config
+    from rcml.train.ds_config import load_ds_config
+
+    run = load_config(None, ["data.train=x.tar", "data.groups_per_batch=1", "data.members_per_group=4"])
+    ds = load_ds_config(REPO / "configs" / "zero3.json", run, world_size=2)  # micro batch and schedule derived
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=ds):
         model = build_model(ModelConfig(name="tiny", mode="rcml", beta=0.4), vocab_size=tok.vocab_size,

@@ -100,8 +100,8 @@ def test_float_scale_and_clear_errors():
 
 def test_loss_positives_setting_selects_the_positive_sets():
     """loss.positives: membership (the batch's memberships), group (drawn-for group only) or item (own item
-    only, unique over ranks via the item key)."""
-    from rcml.batch import Batch, group_id
+    only, unique over ranks and sources via the item's (shard url, key) identity)."""
+    from rcml.batch import Batch, item_identity
     from rcml.train.trainer import positive_groups
 
     g = torch.tensor([5, 5, 7], dtype=torch.int64)
@@ -109,10 +109,13 @@ def test_loss_positives_setting_selects_the_positive_sets():
     b = Batch(images=torch.zeros(3, 3, 4, 4), text_ids=torch.zeros(3, 2, dtype=torch.long),
               text_mask=torch.ones(3, 2, dtype=torch.bool), relation_ids=torch.zeros(2, 2, dtype=torch.long),
               relation_mask=torch.ones(2, 2, dtype=torch.bool), row_item=torch.tensor([0, 1, 2]),
-              row_relation=torch.tensor([0, 0, 1]), group_ids=g, member_groups=members, keys=["a", "b", "c"])
+              row_relation=torch.tensor([0, 0, 1]), group_ids=g, member_groups=members, keys=["a", "a", "c"],
+              item_ids=torch.tensor([item_identity(u, k) for u, k in (("s1.tar", "a"), ("s2.tar", "a"),
+                                                                       ("s1.tar", "c"))]))
     ids, m = positive_groups(b, "membership")
     assert ids is g and m is members
     ids, m = positive_groups(b, "group")
     assert ids is g and m is None
     ids, m = positive_groups(b, "item")
-    assert m is None and ids.tolist() == [group_id("item:" + k) for k in "abc"]
+    assert m is None and ids.tolist() == b.item_ids.tolist()
+    assert len(set(ids.tolist())) == 3  # the same key in two shards: two items, not positives of each other

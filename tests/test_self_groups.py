@@ -99,5 +99,10 @@ def test_no_cross_source_positive_comes_from_a_singleton_group(tmp_path):
                     cross_pairs += 1
                     assert int(batch.group_ids[j]) in real[i], (owners[i], owners[j], "positives via self group")
         assert torch.equal(batch.member_groups[:, 0], batch.group_ids)
+        # loss.positives=item: one identity per (source, key), so same-key items of two sources differ
+        from rcml.train.trainer import positive_groups
+
+        item_groups = positive_groups(batch, "item")[0].tolist()
+        assert len(set(item_groups)) == len(set(owners)) == batch.num_rows
     assert same_key_pairs > 0  # items with one key from both sources did meet in a batch
     assert cross_pairs > 0     # and genuine cross-source positives (a shared relation) remain

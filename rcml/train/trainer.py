@@ -60,11 +60,11 @@ def positive_groups(batch, positives: str) -> tuple[torch.Tensor, torch.Tensor |
         return batch.group_ids, batch.member_groups
     if positives == "group":
         return batch.group_ids, None
-    # item: each row is only its own item's positive (the paper's CLIP baseline), unique across ranks
-    from rcml.batch import group_id
-
-    ids = [group_id("item:" + batch.keys[i]) for i in batch.row_item.tolist()]
-    return torch.tensor(ids, dtype=torch.int64, device=batch.group_ids.device), None
+    # item: each row is only its own item's positive (the paper's CLIP baseline), unique across ranks and
+    # sources (two sources may both hold the key 000123: different items)
+    if batch.item_ids is None:
+        raise ValueError("loss.positives=item needs Batch.item_ids (set by the loader's collate)")
+    return batch.item_ids[batch.row_item], None
 
 
 def find_tokenizer(cfg: RunConfig) -> Path:
