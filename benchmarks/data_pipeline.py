@@ -37,7 +37,8 @@ import webdataset as wds  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from rcml.config import DataConfig  # noqa: E402
-from rcml.data import ImageTransform, build_loader, normalize  # noqa: E402
+from rcml.data import build_loader  # noqa: E402
+from rcml.preprocess import ImageTransform, normalize  # noqa: E402
 from rcml.tokenizer import TextTokenizer  # noqa: E402
 
 

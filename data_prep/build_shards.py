@@ -256,7 +256,9 @@ def _write_items(writer: _ShardWriter, ordered: list[ItemRecord], rels: dict[str
     from tqdm import tqdm
 
     written: list[tuple[str, list[dict[str, str]]]] = []
-    with tqdm(total=len(ordered), desc=f"shards {name}", unit="item", disable=not progress, file=sys.stderr) as bar:
+    # progress: a bar on stderr when it is a terminal (tqdm's disable=None), never between stdout lines
+    with tqdm(total=len(ordered), desc=f"shards {name}", unit="item", disable=None if progress else True,
+              file=sys.stderr) as bar:
         for rec, (status, payload) in _loaded(ordered, images_root, max_pixels, max_bytes, workers):
             bar.update(1)
             if not status.startswith("ok:"):

@@ -2,10 +2,11 @@
 
     python -m data_prep.inspect PATTERN [--json report.json] [--no-decode]
 
+PATTERN is a brace pattern, a shard directory or its manifest.json (``rcml.shard_manifest.resolve_pattern``).
 Reads the shards with the training reader's own safe decoding (``rcml.decode``; nothing is unpickled),
-so what it reports as skipped is exactly what training would skip. Pixel data is fully decoded unless
-``--no-decode``. When a ``manifest.json`` sits beside the shards, each shard's size and sha256 are
-checked against it.
+so what it reports as skipped is exactly what training would skip, and the members it ignores (never
+read; the sample is kept) are reported apart. Pixel data is fully decoded unless ``--no-decode``. When a
+``manifest.json`` sits beside the shards, each shard's size and sha256 are checked against it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from data_prep.build_shards import _histogram
 from rcml.decode import SkipCounter, iter_items, load_image
+from rcml.shard_manifest import resolve_pattern
 
 
 def _manifest_check(url: str, manifests: dict[Path, dict | None]) -> str | None:
@@ -43,9 +45,11 @@ def _manifest_check(url: str, manifests: dict[Path, dict | None]) -> str | None:
 
 
 def inspect_shards(pattern: str, decode: bool = True, max_pixels: int = 64_000_000) -> dict[str, Any]:
+    """The report of ``pattern`` (see ``resolve_pattern``; ValueError when it names no shard)."""
     import braceexpand
 
-    counter = SkipCounter(max_examples=5)
+    pattern = resolve_pattern(pattern)
+    counter = SkipCounter(max_examples=5, warn_ignored=False)  # ignored members are in the report
     shards, manifest_problems, manifests = [], [], {}
     samples, caption_chars = 0, []
     group_size: Counter[str] = Counter()
@@ -86,6 +90,7 @@ def inspect_shards(pattern: str, decode: bool = True, max_pixels: int = 64_000_0
     return {
         "pattern": pattern, "shards": len(shards), "samples": samples, "per_shard": shards,
         "skipped": dict(sorted(counter.counts.items())), "skipped_examples": counter.examples,
+        "ignored_members": dict(sorted(counter.ignored.items())),
         "relation_types": by_type, "groups": len(group_size),
         "group_size_histogram": _histogram(sorted(group_size.values())),
         "caption_chars": span(caption_chars), "image_width": span(widths), "image_height": span(heights),
@@ -112,18 +117,26 @@ def print_report(r: dict[str, Any], file=sys.stdout) -> None:
             out(f"    {reason:<20} {n:>7}   e.g. {r['skipped_examples'][reason][0]}")
     else:
         out("  bad samples: none")
+    if r["ignored_members"]:
+        out("  ignored members (not decoded; their samples are kept): "
+            + ", ".join(f".{ext} {n}" for ext, n in r["ignored_members"].items()))
     for problem in r["manifest_problems"]:
         out(f"  manifest: {problem}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.inspect", description=__doc__.split("\n\n")[0])
-    p.add_argument("pattern", help="shard pattern, e.g. 'data/train/shard-{000000..000007}.tar'")
+    p.add_argument("pattern", help="shard pattern, e.g. 'data/train/shard-{000000..000007}.tar', or a shard "
+                   "directory / its manifest.json")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file")
     p.add_argument("--no-decode", action="store_true", help="check image headers only (faster)")
     p.add_argument("--max-image-pixels", type=int, default=64_000_000)
     args = p.parse_args(argv)
-    report = inspect_shards(args.pattern, decode=not args.no_decode, max_pixels=args.max_image_pixels)
+    try:
+        report = inspect_shards(args.pattern, decode=not args.no_decode, max_pixels=args.max_image_pixels)
+    except ValueError as exn:  # the pattern names no shard, or its manifest cannot be read
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
     print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

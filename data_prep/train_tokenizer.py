@@ -2,6 +2,8 @@
 
     python -m data_prep.train_tokenizer --shards PATTERN --out tokenizer.json [--vocab-size V]
 
+PATTERN is a brace pattern, a shard directory or its manifest.json (``rcml.shard_manifest.resolve_pattern``).
+
 Byte-level, so any text encodes without ``<|unk|>``; lower-cased after NFKC normalisation like CLIP's
 tokenizer. Special tokens, in id order: ``<|pad|>`` (0), ``<|startoftext|>``, ``<|endoftext|>``,
 ``<|unk|>`` (see ``rcml.tokenizer``). The saved post-processor wraps texts in start/end tokens, so the
@@ -16,22 +18,31 @@ from pathlib import Path
 from typing import Iterator
 
 from rcml.decode import SkipCounter, iter_items
+from rcml.shard_manifest import resolve_pattern
 from rcml.tokenizer import BOS, EOS, SPECIAL_TOKENS
 
 
-def iter_texts(pattern: str, counter: SkipCounter, max_pixels: int = 64_000_000) -> Iterator[str]:
-    """Captions and distinct relation texts of every valid sample (``::`` joins several patterns)."""
+def iter_texts(pattern: str, counter: SkipCounter, max_pixels: int = 64_000_000,
+               progress: bool | None = False) -> Iterator[str]:
+    """Captions and distinct relation texts of every valid sample (``::`` joins several patterns; each may
+    be a shard directory, see ``resolve_pattern``). ``progress=None``: a bar of samples read on stderr when
+    stderr is a terminal."""
     import braceexpand
+    from tqdm import tqdm
 
+    pattern = resolve_pattern(pattern)
     seen_relations: set[str] = set()
-    for source in pattern.split("::"):
-        for url in braceexpand.braceexpand(source):
-            for item in iter_items(url, counter, max_pixels):
-                yield item.caption
-                for rel in item.relations:
-                    if rel["text"] not in seen_relations:  # relation texts repeat a lot: count each once
-                        seen_relations.add(rel["text"])
-                        yield rel["text"]
+    disable = None if progress is None else not progress  # tqdm: None = a bar iff stderr is a terminal
+    with tqdm(desc="reading samples", unit="sample", file=sys.stderr, disable=disable) as bar:
+        for source in pattern.split("::"):
+            for url in braceexpand.braceexpand(source):
+                for item in iter_items(url, counter, max_pixels):
+                    bar.update(1)
+                    yield item.caption
+                    for rel in item.relations:
+                        if rel["text"] not in seen_relations:  # relation texts repeat a lot: count each once
+                            seen_relations.add(rel["text"])
+                            yield rel["text"]
 
 
 def build_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int = 2):
@@ -51,14 +62,15 @@ def build_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int = 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.train_tokenizer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", required=True, help="shard pattern, e.g. 'data/train/shard-{000000..000007}.tar'")
+    p.add_argument("--shards", required=True, help="shard pattern, e.g. 'data/train/shard-{000000..000007}.tar', "
+                   "or a shard directory / its manifest.json")
     p.add_argument("--out", required=True, help="output tokenizer.json")
     p.add_argument("--vocab-size", type=int, default=8192, help="target vocabulary size (>= 261: 256 bytes + specials)")
     p.add_argument("--min-frequency", type=int, default=2)
     args = p.parse_args(argv)
     if args.vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
         p.error(f"--vocab-size must be at least {256 + len(SPECIAL_TOKENS) + 1} (byte alphabet + special tokens)")
-    counter = SkipCounter()
+    counter = SkipCounter(warn_ignored=False)  # ignored members are printed at the end
     n_texts = 0
 
     def counted(texts: Iterator[str]) -> Iterator[str]:
@@ -67,7 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             n_texts += 1
             yield text
 
-    tok = build_tokenizer(counted(iter_texts(args.shards, counter)), args.vocab_size, args.min_frequency)
+    try:
+        pattern = resolve_pattern(args.shards)  # before training: one line when it names no shard
+    except ValueError as exn:
+        print(f"error: --shards: {exn}", file=sys.stderr)
+        return 2
+    tok = build_tokenizer(counted(iter_texts(pattern, counter, progress=None)), args.vocab_size, args.min_frequency)
     if n_texts == 0:
         print(f"error: no text found in {args.shards} (skipped samples: {counter.counts})", file=sys.stderr)
         return 1
@@ -76,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"trained on {n_texts} texts: vocabulary {tok.get_vocab_size()} -> {args.out}")
     if counter.counts:
         print(f"skipped samples: {counter.counts}")
+    if counter.ignored:
+        print(f"ignored members (not decoded, samples kept): {counter.ignored}")
     return 0
 
 

@@ -3,7 +3,9 @@
     python launch/evaluate.py --checkpoint runs/demo/rcml/export --shards 'data/val/shard-{000000..000001}.tar' \
         --out runs/demo/eval [--max-items N] [--negatives 20] [--seed 0] [--device cpu] [--mlflow]
 
-Writes report.json, report.md and plots to --out and prints the markdown report. Logs to MLflow when
+--checkpoint is an export folder, or a training run directory (``train.out_dir``), whose ``export/`` is
+used. --shards is a brace pattern, a shard directory or its manifest.json. Writes report.json, report.md
+and plots to --out and prints the markdown report (progress bars go to stderr). Logs to MLflow when
 MLFLOW_TRACKING_URI is set or --mlflow is given (then, without a tracking URI, into an embedded sqlite
 store ``<out>/mlflow.db``).
 """
@@ -30,8 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # the evaluation's defaults are written once, in rcml.eval.evaluate (which takes them from EvalConfig)
     default = {k: v.default for k, v in inspect.signature(evaluate).parameters.items()}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="export directory (<train.out_dir>/export)")
-    p.add_argument("--shards", required=True, help="shard URL pattern, brace-expanded ('a::b' joins sources)")
+    p.add_argument("--checkpoint", required=True,
+                   help="export directory (<train.out_dir>/export), or the run directory <train.out_dir>")
+    p.add_argument("--shards", required=True, help="shard URL pattern, brace-expanded ('a::b' joins sources), "
+                   "or a shard directory / its manifest.json")
     p.add_argument("--out", required=True, help="output directory for the report")
     p.add_argument("--max-items", type=int, default=None, help="use the first N valid items of the shards")
     p.add_argument("--negatives", type=int, default=default["negatives"],
@@ -52,17 +56,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_samples(shards: str, max_items: int | None, strict: bool) -> tuple[list[dict], dict[str, int]]:
+EXPORT_MARKER = "spec.json"  # what makes a directory an RCML export (rcml.export.write_export)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """The export folder that ``--checkpoint path`` names: ``path`` itself, or ``path/export`` for a run
+    directory. Raises FileNotFoundError saying what is expected for anything else -- a DeepSpeed checkpoint
+    (``<out_dir>/checkpoints/step_N``) is partitioned optimizer and model state, not a model to evaluate."""
+    expected = "pass an export folder (<train.out_dir>/export) or the run directory <train.out_dir>"
+    if not path.exists():
+        raise FileNotFoundError(f"--checkpoint {path} does not exist; {expected}")
+    if (path / EXPORT_MARKER).exists() or not path.is_dir():
+        return path  # rcml.from_pretrained checks the files of the export
+    if (path / "export").is_dir():
+        return path / "export"
+    resolved = path.resolve()
+    if resolved.parent.name == "checkpoints":  # <run>/checkpoints/step_N
+        run = resolved.parent.parent
+    elif resolved.name == "checkpoints":
+        run = resolved.parent
+    elif (path / "checkpoints").is_dir():  # a run directory that has not exported (yet)
+        raise FileNotFoundError(f"--checkpoint {path} is a run directory without an export: {path / 'export'} is "
+                                "written when training ends (train.export=true)")
+    else:
+        raise FileNotFoundError(f"--checkpoint {path} is not an RCML export (no {EXPORT_MARKER}) and holds no "
+                                f"export/; {expected}")
+    export = run / "export"
+    raise FileNotFoundError(
+        f"--checkpoint {path} holds DeepSpeed training checkpoints (partitioned model and optimizer states), which "
+        "evaluation does not read; " + (f"evaluate the run's export, {export} (the model at the end of training)"
+                                        if (export / EXPORT_MARKER).exists() else
+                                        f"the run has no export yet: {export} is written when training ends "
+                                        "(train.export=true)"))
+
+
+def load_samples(shards: str, max_items: int | None, strict: bool) -> tuple[list[dict], dict[str, int],
+                                                                            dict[str, int]]:
+    """-> (the first ``max_items`` valid samples, skipped samples by reason, ignored members by extension)."""
+    from tqdm import tqdm
+
     from rcml.data import iter_samples
     from rcml.decode import SkipCounter
 
     counter = SkipCounter(strict=strict)
     samples = []
-    for sample in iter_samples(shards, counter=counter):
-        samples.append(sample)
-        if max_items is not None and len(samples) >= max_items:
-            break
-    return samples, dict(counter.counts)
+    with tqdm(total=max_items, desc="reading samples", unit="sample", file=sys.stderr, disable=None) as bar:
+        for sample in iter_samples(shards, counter=counter):
+            samples.append(sample)
+            bar.update(1)
+            if max_items is not None and len(samples) >= max_items:
+                break
+    return samples, dict(counter.counts), dict(counter.ignored)
 
 
 def log_run(report: dict, out: Path, args: argparse.Namespace) -> str:
@@ -94,14 +138,24 @@ def _main(argv: list[str] | None) -> int:
     from rcml.decode import BadSampleError
     from rcml.eval import evaluate, write_report
     from rcml.export import from_pretrained
+    from rcml.shard_manifest import resolve_pattern
 
+    try:  # before the model is loaded: a wrong path is found at once
+        args.shards = resolve_pattern(args.shards)
+    except ValueError as exn:
+        print(f"error: --shards: {exn}", file=sys.stderr)
+        return 2
     try:
-        loaded = from_pretrained(args.checkpoint, map_location=args.device)
+        checkpoint = resolve_checkpoint(Path(args.checkpoint))
+        if checkpoint != Path(args.checkpoint):
+            print(f"evaluating the export {checkpoint}", file=sys.stderr)
+        args.checkpoint = str(checkpoint)
+        loaded = from_pretrained(checkpoint, map_location=args.device)
     except FileNotFoundError as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2
     try:
-        samples, skipped = load_samples(args.shards, args.max_items, args.strict)
+        samples, skipped, ignored = load_samples(args.shards, args.max_items, args.strict)
     except BadSampleError as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 1
@@ -116,6 +170,7 @@ def _main(argv: list[str] | None) -> int:
                       negatives=args.negatives, seed=args.seed, batch_size=args.batch_size,
                       max_queries=args.max_queries, max_pairs=args.max_pairs, max_galleries=args.max_galleries)
     report["counts"]["skipped_samples"] = skipped
+    report["counts"]["ignored_members"] = ignored
     report["checkpoint"] = str(Path(args.checkpoint).resolve())
     report["shards"] = args.shards
     report["seconds"] = round(time.perf_counter() - start, 2)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 
+MODES = ("rcml", "clip")  # model.mode: relation-conditioned, or the CLIP baseline (relation text joined to the caption)
 MIXES = ("normalized", "legacy")  # model.mix
 POSITIVES = ("membership", "group", "item")  # loss.positives
 
@@ -218,7 +219,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{where}: {msg}")
 
     d, m, lo, t = cfg.data, cfg.model, cfg.loss, cfg.train
-    need(m.mode in ("rcml", "clip"), "model.mode", f"must be 'rcml' or 'clip', got {m.mode!r}")
+    need(m.mode in MODES, "model.mode", f"must be one of {'|'.join(MODES)}, got {m.mode!r}")
     need(0.0 <= m.beta <= 1.0, "model.beta", f"must be in [0, 1], got {m.beta}")
     need(lo.impl in ("auto", "torch", "triton", "reference"), "loss.impl",
          f"must be auto|torch|triton|reference, got {lo.impl!r}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import math
 import os
 import random
 import signal
@@ -38,74 +37,18 @@ import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
 from rcml.batch import Batch, batch_stats, clip_mode_text, group_id, item_identity, member_group_ids
 from rcml.conditioned import conditioned_rows
-from rcml.config import DataConfig
+from rcml.config import MODES, DataConfig
 from rcml.decode import SkipCounter, iter_items, load_image
-from rcml.sampler import SELF_TYPE, RelationGroupingSampler, Row, stream_seed
-from rcml.shard_manifest import check_manifest
+from rcml.preprocess import ImageTransform, normalize
+from rcml.sampler import RelationGroupingSampler, Row
+from rcml.seeding import stream_seed
+from rcml.shard_manifest import check_manifest, resolve_pattern
 
 log = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-# ------------------------------------------------------------------------------------------ images
-class ImageTransform:
-    """PIL RGB image -> float tensor [3, S, S], CLIP-normalized. One source of truth for train and eval.
-
-    train: random resized crop (area 90-100%, aspect 3/4-4/3, as OpenCLIP) then resize to S x S.
-    eval:  the centred square of the shorter side, resized to S x S (= resize + centre crop).
-    Cropping and resizing are one ``PIL.Image.resize(box=...)`` call.
-    """
-
-    def __init__(self, image_size: int, train: bool, scale: tuple[float, float] = (0.9, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
-        self.size, self.train, self.scale, self.ratio = image_size, train, scale, ratio
-
-    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[float, float, float, float]:
-        if self.train:
-            area = width * height
-            log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-            for _ in range(10):
-                target = area * rng.uniform(*self.scale)
-                aspect = math.exp(rng.uniform(*log_ratio))
-                w, h = (target * aspect) ** 0.5, (target / aspect) ** 0.5
-                if w <= width and h <= height:
-                    left, top = rng.uniform(0, width - w), rng.uniform(0, height - h)
-                    return left, top, left + w, top + h
-        side = min(width, height)
-        left, top = (width - side) / 2, (height - side) / 2
-        return left, top, left + side, top + side
-
-    def pixels(self, image: Image.Image, rng: random.Random | None = None) -> np.ndarray:
-        """-> uint8 [S, S, 3] (cropped and resized, not yet normalized)."""
-        box = self.crop_box(image.width, image.height, rng or random)
-        return np.asarray(image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box))
-
-    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        return normalize(torch.from_numpy(np.array(self.pixels(image.convert("RGB"), rng)))[None])[0]
-
-
-def image_transform(image_size: int, train: bool) -> ImageTransform:
-    """The evaluator's and the loader's preprocessing: callable PIL.Image -> float tensor [3, S, S]."""
-    return ImageTransform(image_size, train)
-
-
-_SCALE = (1.0 / (255.0 * torch.tensor(CLIP_STD, dtype=torch.float64))).float().view(1, 3, 1, 1)
-_BIAS = (-torch.tensor(CLIP_MEAN, dtype=torch.float64) / torch.tensor(CLIP_STD, dtype=torch.float64)).float().view(1, 3, 1, 1)
-
-
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, S, S, 3] -> float [N, 3, S, S], (x / 255 - mean) / std with CLIP's mean/std.
-
-    Channels-first while still uint8 (a quarter of the bytes to move), then one fused scale + shift.
-    """
-    x = pixels.permute(0, 3, 1, 2).contiguous().float()
-    return x.mul_(_SCALE).add_(_BIAS)
 
 
 # ----------------------------------------------------------------------------------------- sources
@@ -132,10 +75,12 @@ def iter_samples(urls: str, *, strict: bool = False, counter: SkipCounter | None
                  max_image_pixels: int = DataConfig.max_image_pixels) -> Iterator[dict[str, Any]]:
     """Sequential, safe, fully decoded read of shards (no shuffle, no split): for evaluation and tools.
 
+    ``urls``: brace patterns joined by ``::``, each also a shard directory or its manifest.json
+    (``rcml.shard_manifest.resolve_pattern``; a local pattern that matches no file raises ValueError).
     Yields ``{"key", "image" (PIL RGB), "caption", "relations" ([{"group", "type", "text"}]), "url"}``.
     """
     counter = counter if counter is not None else SkipCounter(strict=strict)
-    for shard_urls, _ in parse_sources(urls):
+    for shard_urls, _ in parse_sources(resolve_pattern(urls)):
         for url in shard_urls:
             for item in iter_items(url, counter, max_image_pixels):
                 try:
@@ -433,8 +378,8 @@ def build_loader(cfg: DataConfig, tokenizer, *, mode: str, rank: int, world_size
     arguments yields. ``urls`` overrides ``cfg.train``; ``train=False`` disables shuffles and random crops.
     ``cond_candidates > 0`` adds the conditioned term's rows to every batch (``loss.cond_candidates``).
     """
-    if mode not in ("rcml", "clip"):
-        raise ValueError(f"mode must be 'rcml' or 'clip', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {'|'.join(MODES)}, got {mode!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
     if start_batch < 0:

@@ -2,9 +2,14 @@
 
 A shard is untrusted input. Only the members we expect are ever decoded: one image (``jpg``/``jpeg``/
 ``png``/``webp``, opened by Pillow restricted to JPEG/PNG/WebP, so no Ghostscript or other plug-in ever
-runs), ``txt`` (strict UTF-8) and ``json`` (``json.loads``). A sample with any other member -- a
-``.pyd``/``.pickle`` that WebDataset's default decoders would unpickle, for instance -- is skipped whole
-as ``unexpected_member`` and its bytes are never read.
+runs), ``txt`` (strict UTF-8) and ``json`` (``json.loads``). Any other member -- the ``.cls`` of an
+ImageNet-style shard, or a ``.pyd``/``.pickle`` that WebDataset's default decoders would unpickle -- is
+*ignored*: its bytes are never read, the sample is kept, and ``SkipCounter.ignored`` counts it by
+extension (apart from the skipped samples). A member with a reserved extension (``.__key__``, which would
+overwrite the sample's own fields) makes its sample a skip, ``reserved_member``.
+
+A json without ``relations`` (img2dataset's ``{"url", "caption", "key", "status", ...}``) is an item with no
+relations: the grouping sampler emits it as a singleton row, a plain image-text pair.
 
 Memory is bounded before any data is read, from the tar headers: a member over ``MAX_MEMBER_BYTES``, or
 one that would take its sample past ``MAX_SAMPLE_BYTES``, is stepped over in the stream, and once a
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
 import time
 import warnings
@@ -38,9 +44,11 @@ from typing import Any, Iterator
 
 from PIL import Image
 
+log = logging.getLogger(__name__)
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")       # priority order when a sample has several
 TEXT_EXTS = ("txt", "json")
-KNOWN_EXTS = frozenset(IMAGE_EXTS + TEXT_EXTS)
+KNOWN_EXTS = frozenset(IMAGE_EXTS + TEXT_EXTS)  # the members that are read; any other one is ignored
 PIL_FORMATS = ("JPEG", "PNG", "WEBP")              # the only Pillow plug-ins allowed to parse shard bytes
 MAX_MEMBER_BYTES = 256 << 20                       # a member this large is not read (a tar bomb, not an image)
 # A usable sample is one image (up to MAX_MEMBER_BYTES, the most data_prep.build_shards writes) plus a
@@ -55,7 +63,7 @@ REASONS = {
     "member_too_large": "a member larger than MAX_MEMBER_BYTES (not read into memory)",
     "sample_too_large": "the members of one sample add up to more than MAX_SAMPLE_BYTES (the rest are not read)",
     "shard_unreadable": "the shard cannot be opened (OSError), also after one retry; its samples are not read",
-    "unexpected_member": "a member other than image/txt/json (e.g. .pyd/.pickle; never read), or a reserved .__ext",
+    "reserved_member": "a member whose extension starts with '__' (it would overwrite the sample's __key__)",
     "non_utf8_name": "a member name (hence the sample key) is not valid UTF-8",
     "missing_image": "no jpg/jpeg/png/webp member",
     "corrupt_image": "the image bytes do not decode as JPEG/PNG/WebP",
@@ -76,12 +84,21 @@ class BadSampleError(ValueError):
 
 @dataclass
 class SkipCounter:
-    """Counts skipped samples by reason; in strict mode the first one raises ``BadSampleError``."""
+    """Counts skipped samples by reason; in strict mode the first one raises ``BadSampleError``.
+
+    Apart from those, ``ignored`` counts the members of kept samples that are not decoded (by extension,
+    e.g. ``{"cls": 1000}``): the sample is used without them, so they are not in ``counts`` or ``total``
+    and "samples in = rows out + skipped" holds. The first time an extension is ignored, this counter logs
+    one warning naming the member, sample and shard (``warn_ignored=False``: no warning, for tools that
+    report ``ignored`` themselves); each DataLoader worker has its own counter, so it warns once per worker.
+    """
 
     strict: bool = False
     max_examples: int = 3
+    warn_ignored: bool = True
     counts: dict[str, int] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    ignored: dict[str, int] = field(default_factory=dict)
 
     def skip(self, reason: str, shard: str, key: str, detail: str = "") -> None:
         where = f"shard {shard}, sample {key!r}" if key else f"shard {shard}"
@@ -94,8 +111,16 @@ class SkipCounter:
         if len(examples) < self.max_examples:
             examples.append(message)
 
+    def ignore(self, ext: str, shard: str, key: str) -> None:
+        """Count one member with extension ``ext`` that a kept sample carries but nothing decodes."""
+        if ext not in self.ignored and self.warn_ignored:
+            log.warning("member .%s of sample %r in shard %s is not decoded; ignored members are counted, "
+                        "not skipped", ext, key, shard)
+        self.ignored[ext] = self.ignored.get(ext, 0) + 1
+
     @property
     def total(self) -> int:
+        """Skipped samples (ignored members are not among them)."""
         return sum(self.counts.values())
 
     def snapshot(self) -> dict[str, int]:
@@ -190,16 +215,18 @@ def _member_error(info: tarfile.TarInfo, ext: str, sample: dict[str, Any], sampl
     """(reason, detail) that makes the sample of member ``info`` a skip, judged from its header alone.
 
     ``sample_bytes``: the sample's data read so far; ``wanted``: this member's data would be read next.
+    A member that is not decoded (not in ``KNOWN_EXTS``) is never read, so only its name can be wrong.
     """
-    if info.size > MAX_MEMBER_BYTES:
+    decoded = ext in KNOWN_EXTS
+    if decoded and info.size > MAX_MEMBER_BYTES:
         return "member_too_large", f"{info.name}: {info.size} bytes"
     if wanted and sample_bytes + info.size > MAX_SAMPLE_BYTES:
         return "sample_too_large", f"{sample_bytes + info.size} bytes at member {info.name} > {MAX_SAMPLE_BYTES}"
     if not is_unicode(info.name):
         return "non_utf8_name", f"member {ascii(info.name)}"
     if ext.startswith("__"):  # would overwrite the sample's own fields (``__key__``, ``__error__``)
-        return "unexpected_member", f"member {ascii(info.name)}: extensions starting with '__' are reserved"
-    if ext in sample:
+        return "reserved_member", f"member {ascii(info.name)}: extensions starting with '__' are reserved"
+    if decoded and ext in sample:
         return "duplicate_member", f"two .{ext} members"
     return None
 
@@ -208,8 +235,9 @@ def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]
     """Group consecutive tar members by key: ``{"__key__", "__url__", ext: bytes, ...}``.
 
     Only the members ``parse_sample`` decodes (``KNOWN_EXTS``) of a sample not yet known to be skipped
-    are read; any other member is present with empty bytes, its data stepped over in the stream. A
-    sample to be skipped carries ``"__error__": (reason, detail)``, the first one found.
+    are read; the extensions of the other members are listed in ``"__ignored__"`` (in tar order), their
+    data stepped over in the stream. A sample to be skipped carries ``"__error__": (reason, detail)``, the
+    first one found.
 
     A tar that ends early (an interrupted copy, a bad disk) loses the sample being read when the data
     stops; that sample is counted as ``truncated_tar`` -- also when the cut falls exactly between two
@@ -243,23 +271,24 @@ def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]
                     current = None
                 if current is None:  # before reading the data: a cut inside it is charged to this sample
                     current, sample_bytes, doomed = {"__key__": prefix, "__url__": url}, 0, False
-                # parse_sample skips a sample with an error or an unexpected member without looking at its
-                # bytes: those stay in the stream, which tarfile steps over to reach the next header
-                wanted = not doomed and ext in KNOWN_EXTS
-                error = _member_error(info, ext, current, sample_bytes, wanted)
+                # parse_sample skips a sample with an error without looking at its bytes, and never looks
+                # at an ignored member: their data stay in the stream, which tarfile steps over
+                decoded = ext in KNOWN_EXTS
+                error = _member_error(info, ext, current, sample_bytes, decoded and not doomed)
                 if error is not None:
                     current.setdefault("__error__", error)
-                doomed = not wanted or error is not None
-                if doomed:
-                    data = b""
-                else:
+                doomed = doomed or error is not None
+                if decoded and not doomed:
                     data = tf.extractfile(info).read()
                     if len(data) != info.size:
                         raise tarfile.ReadError(f"member {info.name} is truncated")
                     sample_bytes += len(data)
-                tf.members = []  # stream mode keeps every TarInfo otherwise: memory grows with the shard
-                if not ext.startswith("__"):
                     current[ext] = data
+                elif decoded:
+                    current[ext] = b""
+                elif not ext.startswith("__"):
+                    current.setdefault("__ignored__", []).append(ext)
+                tf.members = []  # stream mode keeps every TarInfo otherwise: memory grows with the shard
             # tarfile stops silently when the data ends exactly at a member boundary; a complete archive
             # has an end-of-archive block of zeros, which tarfile has read iff it moved past the offset.
             if tf.fileobj.tell() - tf.offset < tarfile.BLOCKSIZE:
@@ -317,16 +346,11 @@ def parse_relations(obj: Any) -> list[dict[str, str]] | None:
 def parse_sample(sample: dict[str, Any], counter: SkipCounter, max_pixels: int) -> Item | None:
     """Light stage: check members, decode caption and relations, check the image header.
 
-    Returns None (after counting the reason) for a bad sample.
+    Returns None (after counting the reason) for a bad sample; a kept sample's ignored members are counted.
     """
     key, url = sample["__key__"], sample["__url__"]
     if "__error__" in sample:
         counter.skip(sample["__error__"][0], url, key, sample["__error__"][1])
-        return None
-    unexpected = sorted(ext for ext in sample if not ext.startswith("__") and ext not in KNOWN_EXTS)
-    if unexpected:
-        counter.skip("unexpected_member", url, key,
-                     f"member(s) {', '.join('.' + e for e in unexpected)} are not decoded (only image/txt/json)")
         return None
     image_ext = next((ext for ext in IMAGE_EXTS if ext in sample), None)
     if image_ext is None:
@@ -364,6 +388,8 @@ def parse_sample(sample: dict[str, Any], counter: SkipCounter, max_pixels: int) 
     except ValueError as exn:
         counter.skip(exn.args[0], url, key, exn.args[1])
         return None
+    for ext in sample.get("__ignored__", ()):
+        counter.ignore(ext, url, key)
     return Item(key=key, url=url, image=sample[image_ext], caption=caption, relations=relations, opened=opened)
 
 

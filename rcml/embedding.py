@@ -51,14 +51,14 @@ class RCMLEmbedder:
 
     def __init__(self, model: torch.nn.Module, tokenizer, spec: dict[str, Any], *, run_config: dict | None = None,
                  batch_size: int = 64, max_rows_per_call: int = 4096) -> None:
-        from rcml.data import image_transform
+        from rcml.preprocess import ImageTransform
 
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
         self.run_config = run_config or {}
         self.mode = spec["mode"]
         self.context_length, self.image_size = int(spec["context_length"]), int(spec["image_size"])
         self.batch_size, self.max_rows = max(1, int(batch_size)), max(1, int(max_rows_per_call))
-        self.transform = image_transform(self.image_size, train=False)
+        self.transform = ImageTransform(self.image_size, train=False)
         self.pools = bool(getattr(model, "uses_pooling", False))
 
     # ------------------------------------------------------------------------------ helpers

@@ -157,9 +157,9 @@ def clip_config(spec: dict[str, Any], logit_scale: float):
 
 
 def _image_processor_config(image_size: int) -> dict[str, Any]:
-    """CLIPImageProcessor settings of ``rcml.data.image_transform(image_size, train=False)``: the same pixels
+    """CLIPImageProcessor settings of ``rcml.preprocess.ImageTransform(image_size, train=False)``: the same pixels
     for a square image; for others it resizes the short side and then crops (we crop, then resize)."""
-    from rcml.data import CLIP_MEAN, CLIP_STD
+    from rcml.preprocess import CLIP_MEAN, CLIP_STD
 
     return {"image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True, "do_resize": True,
             "size": {"shortest_edge": image_size}, "resample": 3, "do_center_crop": True,

@@ -40,7 +40,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVi
 
 from rcml import model_towers
 from rcml.batch import Batch
-from rcml.config import MIXES, ModelConfig
+from rcml.config import MIXES, MODES, ModelConfig
 from rcml.model_pooling import ItemFeatures, RelationPooling
 from rcml.model_size import load_size
 
@@ -210,7 +210,7 @@ def _check_spec(spec: dict[str, Any]) -> None:
     missing = {"mode", "beta", "embed_dim", "pool_heads", "vision_config", "text_config", "tokenizer"} - spec.keys()
     if missing:
         raise ValueError(f"model spec lacks {sorted(missing)}")
-    if spec["mode"] not in ("rcml", "clip") or not 0.0 <= float(spec["beta"]) <= 1.0:
+    if spec["mode"] not in MODES or not 0.0 <= float(spec["beta"]) <= 1.0:
         raise ValueError(f"model spec: mode must be rcml|clip and beta in [0, 1], got {spec['mode']!r}, {spec['beta']}")
     if spec.get("mix", "legacy") not in MIXES:
         raise ValueError(f"model spec: mix must be one of {MIXES}, got {spec['mix']!r}")

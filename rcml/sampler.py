@@ -20,20 +20,19 @@ Runs inside each DataLoader worker, after the light decode stage and before any 
   ``self_group(item)``, text ``SELF_TEXT``), so no item is ever dropped;
 - at the end of the stream the buffer is drained the same way; only the last batch may be smaller.
 
-Everything is deterministic in (seed, epoch, rank, worker). ``state_dict()`` records the position
-(batches emitted); ``load_state_dict()`` makes the next pass over the *same* input skip exactly those
-batches -- the grouping is replayed, nothing downstream of it is -- so a resumed stream yields exactly
-the batches an uninterrupted one would have.
+Everything is deterministic in (seed, epoch, rank, worker) and the input order: resume replays the
+stream (``rcml.data._resume``), and the grouping reproduces exactly the batches of an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
 import math
 import random
 from itertools import accumulate, islice
 from typing import Any, Iterable, Iterator, NamedTuple
+
+from rcml.seeding import stream_seed
 
 SELF_TYPE = "self"          # relation type of a singleton row (an item that found no group)
 SELF_TEXT = "the same item"  # relation text of a leftover singleton row: neutral, true of every item
@@ -56,12 +55,6 @@ def self_group(item: Any) -> str:
     pair is unambiguous; the same item read twice (resampled shards) keeps one group.
     """
     return f"{SELF_GROUP_PREFIX}{item.url}::{item.key}"
-
-
-def stream_seed(*parts: Any) -> int:
-    """A 63-bit seed from (seed, epoch, rank, worker, ...): stable across processes and platforms."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 def _parse_type_values(spec: str | dict[str, float] | None, key: str, example: str,
@@ -146,19 +139,6 @@ class RelationGroupingSampler:
         self.hard, self.quotas = hard, parse_type_quotas(type_quotas)
         self.identity = {"seed": seed, "epoch": epoch, "rank": rank, "worker": worker}
         self.stats = {"batches": 0, "rows": 0, "grouped_rows": 0, "singleton_rows": 0, "frontier_groups": 0}
-        self._resume_at = 0
-
-    # ---------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.identity, **self.stats)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next pass over the same input skips the batches already emitted."""
-        for name, value in self.identity.items():
-            if state.get(name) != value:
-                raise ValueError(f"sampler state is for {name}={state.get(name)!r}, this sampler has {name}={value!r}: "
-                                 "a stream resumes only with the seed, epoch, rank and worker it was saved with")
-        self._resume_at = int(state["batches"])
 
     # ---------------------------------------------------------------------------------- stream
     def __call__(self, items: Iterable[Any]) -> Iterator[list[Row]]:
@@ -170,17 +150,12 @@ class RelationGroupingSampler:
         self._group_type: dict[str, str] = {}
         self._ready = _ReadyGroups()
         self.stats = dict.fromkeys(self.stats, 0)
-        skip, self._resume_at = self._resume_at, 0
         for seq, item in enumerate(items):
             self._push(seq, item)
             if len(self._buffer) >= self.buffer_size:
-                batch = self._emit()
-                if self.stats["batches"] > skip:
-                    yield batch
+                yield self._emit()
         while self._buffer:
-            batch = self._emit()
-            if self.stats["batches"] > skip:
-                yield batch
+            yield self._emit()
 
     def _push(self, seq: int, item: Any) -> None:
         self._buffer[seq] = item

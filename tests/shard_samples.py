@@ -70,8 +70,22 @@ def bad_sample(kind: str, key: str, rng: random.Random, marker: Path) -> list[tu
     elif kind == "image_too_large":
         del members[f"{key}.jpg"]
         members[f"{key}.png"] = bomb_png()
-    elif kind == "unexpected_member":
-        members[f"{key}.pyd"] = pickle.dumps(_Evil(str(marker)))
+    elif kind == "reserved_member":
+        members[f"{key}.__key__"] = b"another key"
     else:
         raise AssertionError(kind)
     return list(members.items())
+
+
+def pickled_sample(key: str, rng: random.Random, marker: Path) -> list[tuple[str, bytes]]:
+    """A good sample that also carries a ``.pyd`` pickle which, if unpickled, creates ``marker``; the
+    pickle comes first, so a reader that gave up on the sample there would not read the rest."""
+    return [(f"{key}.pyd", pickle.dumps(_Evil(str(marker)))), *good_members(key, rng)]
+
+
+def img2dataset_sample(key: str, rng: random.Random) -> list[tuple[str, bytes]]:
+    """A sample as img2dataset writes it (jpg, txt, json without relations), plus an ImageNet-style .cls."""
+    image, caption, _ = good_members(key, rng)
+    meta = {"url": f"https://example.com/{key}.jpg", "caption": caption[1].decode(), "key": key,
+            "status": "success", "error_message": None, "width": 32, "height": 32, "exif": None}
+    return [image, caption, (f"{key}.json", json.dumps(meta).encode()), (f"{key}.cls", b"7")]

@@ -1,5 +1,6 @@
 """Bad shard input: each kind is skipped and counted (samples in = samples out + skipped), or raises in
-strict mode naming shard and key; a pickle member is never unpickled."""
+strict mode naming shard and key; a pickle member is ignored (counted apart, its sample kept), never
+unpickled."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import pytest
 
 from rcml.decode import BadSampleError, SkipCounter, iter_items, iter_tar_samples
 from rcml.data import iter_samples
-from tests.shard_samples import MAX_PIXELS, _Evil, bad_sample, good_members, write_tar
+from tests.shard_samples import MAX_PIXELS, _Evil, bad_sample, good_members, pickled_sample, write_tar
 
-KINDS = ["corrupt_image", "invalid_json", "missing_txt", "non_utf8_txt", "image_too_large", "unexpected_member"]
+KINDS = ["corrupt_image", "invalid_json", "missing_txt", "non_utf8_txt", "image_too_large", "reserved_member"]
 
 
 def test_pickle_payload_is_live(tmp_path):
@@ -24,6 +25,24 @@ def test_pickle_payload_is_live(tmp_path):
     marker = tmp_path / "pwned"
     pickle.loads(pickle.dumps(_Evil(str(marker))))
     assert marker.exists()
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_pickle_member_is_ignored_and_never_unpickled(tmp_path, strict):
+    """A .pyd that WebDataset's default decoders would unpickle: the sample is kept without it, the member
+    is counted as ignored (not as a skip), and the payload never runs -- also in strict mode."""
+    rng = random.Random(3)
+    marker = tmp_path / "pwned"
+    samples = [good_members("good00", rng), pickled_sample("pickled", rng, marker), good_members("good01", rng)]
+    shard = tmp_path / "shard.tar"
+    write_tar(shard, samples)
+    counter = SkipCounter(strict=strict)
+    out = list(iter_samples(str(shard), counter=counter))
+    assert [s["key"] for s in out] == ["good00", "pickled", "good01"]
+    assert out[1]["image"].mode == "RGB" and out[1]["caption"] and out[1]["relations"]
+    assert counter.counts == {} and counter.total == 0 and counter.ignored == {"pyd": 1}
+    assert len(samples) == len(out) + counter.total
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -16,11 +16,12 @@ from data_prep.synthetic import build as build_synthetic
 from data_prep.train_tokenizer import build_tokenizer
 from rcml.batch import clip_mode_text, group_id
 from rcml.config import DataConfig
-from rcml.data import CLIP_MEAN, CLIP_STD, _mix, build_loader, image_transform, iter_samples
+from rcml.data import _mix, build_loader, iter_samples
+from rcml.preprocess import CLIP_MEAN, CLIP_STD, ImageTransform
 from rcml.decode import BadSampleError
 from rcml.sampler import SELF_TEXT
 from rcml.tokenizer import TextTokenizer
-from tests.shard_samples import bad_sample, good_members, write_tar
+from tests.shard_samples import bad_sample, good_members, pickled_sample, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -223,10 +224,11 @@ def bad_shards(tmp_path_factory, data):
     """3 shards of good samples with bad ones in the middle and at the very end (after the last batch)."""
     root = tmp_path_factory.mktemp("bad_shards")
     rng = random.Random(0)
-    kinds = ["corrupt_image", "invalid_json", "missing_txt", "non_utf8_txt", "image_too_large", "unexpected_member"]
+    kinds = ["corrupt_image", "invalid_json", "missing_txt", "non_utf8_txt", "image_too_large", "reserved_member"]
     expected, total = Counter(), 0
     for s in range(3):
         samples = [good_members(f"s{s}g{i:03d}", rng) for i in range(30)]
+        samples.insert(rng.randrange(len(samples)), pickled_sample(f"s{s}p", rng, root / "pwned"))  # kept: rows
         for j, kind in enumerate(kinds):
             pos = len(samples) if j % 2 else rng.randrange(len(samples))
             samples.insert(pos, bad_sample(kind, f"s{s}b{j}", rng, root / "pwned"))
@@ -244,6 +246,7 @@ def test_skip_counters_reach_the_trainer(data, bad_shards):
         skipped.update(b.skipped)
     assert skipped == bad_shards["expected"]
     assert sum(b.num_rows for b in out) + sum(skipped.values()) == bad_shards["total"]
+    assert {f"s{s}p" for s in range(3)} <= {k for b in out for k in b.keys}  # pickle ignored, sample kept
     assert not (bad_shards["root"] / "pwned").exists()
 
 
@@ -253,19 +256,19 @@ def test_strict_mode_raises_naming_shard_and_key(data, bad_shards):
         batches(cfg, data["tok"])
 
 
-def test_image_transform():
+def test_image_preprocessing():
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (30, 50, 3), dtype=np.uint8)
     pixels[:, :10] = 0  # the outer 10 columns on each side are black: eval's centre crop removes them
     pixels[:, -10:] = 0
     img = Image.fromarray(pixels)
-    ev = image_transform(24, train=False)
+    ev = ImageTransform(24, train=False)
     out = ev(img)
     assert out.shape == (3, 24, 24) and out.dtype == torch.float32
     black = (torch.zeros(3) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     assert not torch.isclose(out[:, :, :2], black.view(3, 1, 1), atol=0.05).all()  # no black band kept
     assert torch.equal(ev(img), out)
-    tr = image_transform(24, train=True)
+    tr = ImageTransform(24, train=True)
     img = Image.fromarray(pixels[:, 8:44])  # 36 x 30: random crops of 90-100% of the area fit
     a, b = tr(img, random.Random(1)), tr(img, random.Random(2))
     assert a.shape == (3, 24, 24) and not torch.equal(a, b) and torch.equal(a, tr(img, random.Random(1)))

@@ -1,8 +1,10 @@
-"""Tokenizer: the train_tokenizer CLI on shards, and TextTokenizer.encode's contract (bos + tokens + eos,
-eos kept when truncating, pad 0, mask) against the raw ``tokenizers`` encoding."""
+"""Tokenizer: the train_tokenizer CLI on shards (a pattern or a shard directory; a progress bar on stderr),
+and TextTokenizer.encode's contract (bos + tokens + eos, eos kept when truncating, pad 0, mask) against the
+raw ``tokenizers`` encoding."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -80,3 +82,34 @@ def test_rejects_tokenizers_without_special_tokens(tmp_path):
     assert spec["added_tokens"][0]["content"] == "[UNK]"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         TextTokenizer.from_file(tmp_path / "missing.json")
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal, so tqdm (``disable=None``) draws its bar into it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_cli_takes_a_shard_directory_and_shows_progress_on_stderr(trained, tmp_path, capsys, monkeypatch):
+    from data_prep.train_tokenizer import main
+
+    shards = trained.parents[1] / "d" / "train"  # the fixture's shard directory (it holds manifest.json)
+    stderr = _Terminal()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    out = tmp_path / "tokenizer.json"
+    assert main(["--shards", str(shards), "--out", str(out), "--vocab-size", "330"]) == 0
+    assert TextTokenizer.from_file(out).vocab_size == TextTokenizer.from_file(trained).vocab_size
+    stdout = capsys.readouterr().out
+    assert "trained on" in stdout and "reading samples" not in stdout
+    assert "reading samples" in stderr.getvalue() and "150" in stderr.getvalue()  # every sample, on stderr
+
+
+def test_cli_names_a_pattern_that_matches_nothing(tmp_path, capsys):
+    from data_prep.train_tokenizer import main
+
+    missing = str(tmp_path / "shard-{0..2}.tar")
+    assert main(["--shards", missing, "--out", str(tmp_path / "tok.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"shard pattern {missing!r} matches no file" in err and err.count("\n") == 1
+    assert not (tmp_path / "tok.json").exists()

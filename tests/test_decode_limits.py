@@ -101,16 +101,20 @@ def test_many_members_of_one_extension_are_not_all_read(tmp_path, small_caps, re
     assert [n for n in reads if n.startswith("dup.")] == ["dup.jpg", "dup.txt", "dup.json"]  # the first three only
 
 
-def test_members_no_one_decodes_are_never_read(tmp_path, reads):
+def test_members_no_one_decodes_are_never_read(tmp_path, small_caps, reads):
+    """Ignored members are stepped over (their samples kept and the members counted apart), also one over
+    the member cap: it is never read, so it bounds nothing."""
     rng = random.Random(22)
     odd = good_members("odd", rng) + [("odd.npy", bytes(rng.randrange(256) for _ in range(3_001)))]
-    late = [("late.pyd", b"\x80\x04K\x01."), *good_members("late", rng)]  # an unexpected member first
+    late = [("late.pyd", b"\x80\x04K\x01."), *good_members("late", rng)]  # an ignored member first
+    huge = [*good_members("huge", rng), ("huge.bin", zeros(rng, MEMBER_CAP + 1, MEMBER_CAP + 2))]
     shard = tmp_path / "s.tar"
-    write_tar(shard, [good_members("k0", rng), odd, late, good_members("k3", rng)])
+    write_tar(shard, [good_members("k0", rng), odd, late, huge, good_members("k4", rng)])
     counter = SkipCounter()
-    assert [i.key for i in iter_items(str(shard), counter, MAX_PIXELS)] == ["k0", "k3"]
-    assert counter.counts == {"unexpected_member": 2}
-    assert not any(n.endswith((".npy", ".pyd")) or n.startswith("late.") for n in reads)
+    assert [i.key for i in iter_items(str(shard), counter, MAX_PIXELS)] == ["k0", "odd", "late", "huge", "k4"]
+    assert counter.counts == {} and counter.ignored == {"npy": 1, "pyd": 1, "bin": 1}
+    assert not any(n.endswith((".npy", ".pyd", ".bin")) for n in reads)
+    assert {"late.jpg", "late.txt", "late.json"} <= set(reads)  # the sample is read past its ignored member
 
 
 def test_reserved_extension_cannot_overwrite_the_sample_fields(tmp_path):
@@ -123,8 +127,8 @@ def test_reserved_extension_cannot_overwrite_the_sample_fields(tmp_path):
     write_tar(shard, samples)
     counter = SkipCounter()
     assert [i.key for i in iter_items(str(shard), counter, MAX_PIXELS)] == ["k0", "k3"]
-    assert counter.counts == {"unexpected_member": 2}
-    assert all("'k1'" in e or "'k2'" in e for e in counter.examples["unexpected_member"])
+    assert counter.counts == {"reserved_member": 2} and counter.ignored == {}
+    assert all("'k1'" in e or "'k2'" in e for e in counter.examples["reserved_member"])
 
 
 def _shards(tmp_path: Path, n: int, rng: random.Random) -> list[Path]:

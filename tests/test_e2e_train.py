@@ -74,9 +74,9 @@ def test_export_loads_in_one_process(reference_run, dataset):
     model, tok = loaded.model, loaded.tokenizer
     assert loaded.spec["mode"] == "rcml"
     sample = next(iter(iter_samples(dataset["data.val"])))
-    from rcml.data import image_transform
+    from rcml.preprocess import ImageTransform
 
-    image = image_transform(loaded.spec["image_size"], train=False)(sample["image"])[None]
+    image = ImageTransform(loaded.spec["image_size"], train=False)(sample["image"])[None]
     rel_ids, rel_mask = tok.encode([sample["relations"][0]["text"]], loaded.spec["context_length"])
     with torch.no_grad():
         rel = model.encode_relations(rel_ids, rel_mask)

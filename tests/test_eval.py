@@ -13,7 +13,7 @@ from PIL import Image
 from data_prep.train_tokenizer import build_tokenizer
 from rcml.batch import clip_mode_text
 from rcml.config import ModelConfig
-from rcml.data import image_transform
+from rcml.preprocess import ImageTransform
 from rcml.embedding import RCMLEmbedder
 from rcml.eval import aggregate_reports, embed_rows, evaluate, log_to_mlflow, write_report
 from rcml.eval.baselines import BlindScorers, retrieval_baselines
@@ -22,6 +22,7 @@ from rcml.eval.plan import RowTable, build_index, plan_gallery, plan_queries
 from rcml.model import build_model
 from rcml.tokenizer import TextTokenizer
 from tests.eval_samples import SIZE, L, S, make_samples
+from tests.shard_samples import good_members, write_tar
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def tiny_model(tmp_path_factory, tokenizer, mode="rcml", beta=0.3, seed=0):
 
 def direct_rows(model, tokenizer, samples, texts, rows, mode):
     """Reference: every row through the public encode_* contract, one row per call."""
-    tf = image_transform(S, train=False)
+    tf = ImageTransform(S, train=False)
     img, txt = [], []
     for item, t in rows:
         pixels = tf(samples[item]["image"])[None]
@@ -354,7 +355,74 @@ def test_cli_on_shards_and_export(tmp_path_factory, tmp_path, tokenizer, monkeyp
     assert report["counts"]["items"] == 21 and report["mode"] == "rcml" and report["negatives"] == 4
     assert set(report["retrieval_confusable"]["hit@5"]) == set(HIT_COLUMNS) and "baselines" in report
     assert (out / "mlflow.db").is_file()
+    assert report["counts"]["ignored_members"] == {}
     assert main(["--checkpoint", str(tmp_path / "nope"), "--shards", manifest["pattern"], "--out", str(out)]) == 2
+
+    # the run directory stands for its export/, the shard directory for its manifest's shards
+    again = tmp_path / "eval_again"
+    assert main(["--checkpoint", str(tmp_path), "--shards", str(tmp_path / "shards"), "--out", str(again),
+                 "--negatives", "4", "--max-items", "21", "--batch-size", "8"]) == 0
+    second = json.loads((again / "report.json").read_text())
+    assert second["checkpoint"] == str(export.resolve()) and second["shards"] == manifest["pattern"]
+    assert second["retrieval"] == report["retrieval"]
+
+
+def test_cli_says_what_checkpoint_and_shards_it_expects(tmp_path, capsys):
+    from launch.evaluate import main
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000040").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000040" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_tar(shards / "s0.tar", [good_members("k0", random.Random(0))])
+
+    def error(checkpoint, pattern=str(shards / "s0.tar")) -> str:
+        assert main(["--checkpoint", str(checkpoint), "--shards", pattern, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
+        return err
+
+    err = error(run)
+    assert "is a run directory without an export" in err and str(run / "export") in err
+    for checkpoint in (run / "checkpoints", run / "checkpoints" / "step_00000040"):
+        err = error(checkpoint)
+        assert "DeepSpeed training checkpoints" in err and "the run has no export yet" in err
+    (run / "export").mkdir()
+    (run / "export" / "spec.json").write_text("{}")
+    assert f"evaluate the run's export, {run.resolve() / 'export'}" in error(run / "checkpoints" / "step_00000040")
+    err = error(tmp_path / "shards")
+    assert "is not an RCML export (no spec.json)" in err and "<train.out_dir>/export" in err
+    missing = str(tmp_path / "val-{0..3}.tar")
+    err = error(run / "export", missing)  # found before the model is loaded
+    assert f"--shards: shard pattern {missing!r} matches no file" in err
+
+
+@torch.no_grad()
+def test_embedding_progress_goes_to_stderr_and_each_item_is_embedded_once(tmp_path_factory, tokenizer,
+                                                                           monkeypatch, capsys):
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    samples = make_samples()
+    model = tiny_model(tmp_path_factory, tokenizer, "rcml")
+    index = build_index(samples)
+    table = RowTable()
+    for item in range(len(samples)):
+        for text in range(0, len(index.texts), 7):
+            table(item, text)
+    calls = []
+    image_features = model.image_features
+    monkeypatch.setattr(model, "image_features", lambda pixels: calls.append(len(pixels)) or image_features(pixels))
+    stderr = Terminal()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    embed_rows(embedder_for(model, tokenizer, batch_size=4), [s["image"] for s in samples], index, table)
+    assert calls == [4] * (len(samples) // 4) + [len(samples) % 4]  # one tower pass per item, full batches
+    assert "embedding rows" in stderr.getvalue() and f"{len(table)}/{len(table)}" in stderr.getvalue()
+    assert capsys.readouterr().out == ""
 
 
 def test_aggregate_reports_mean_and_std_over_seeds():

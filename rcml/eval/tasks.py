@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from rcml.config import EvalConfig
+from rcml.config import MODES, EvalConfig
 from rcml.embedding import RCMLEmbedder
 from rcml.eval.baselines import BlindScorers, gallery_baselines, retrieval_baselines, type_only_probe, type_prior
 from rcml.eval.metrics import (KS, SIMILARITIES, gallery_ranks, hit_at_k, hit_table, linear_probe,
@@ -52,12 +52,46 @@ def zero3_parameter_discovery(model: torch.nn.Module) -> Iterator[None]:
                 module._parameters._in_forward = False
 
 
+EMBED_CALLS_PER_UPDATE = 4  # tower calls (of ``embedder.batch_size`` items) per progress-bar update
+
+
+def _progress_disabled() -> bool | None:
+    """tqdm's ``disable``: True on ranks other than 0 (one bar per job), else None (a bar iff stderr is a
+    terminal, so logs and redirected output get none)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return True
+    return None
+
+
 def embed_rows(embedder: RCMLEmbedder, images: list, index: EvalIndex, rows: RowTable) -> tuple[torch.Tensor,
                                                                                                  torch.Tensor]:
-    """Every row (item, relation text) -> (image embeddings [B, D], text embeddings [B, D]), float32 CPU."""
+    """Every row (item, relation text) -> (image embeddings [B, D], text embeddings [B, D]), float32 CPU.
+
+    Rows go to the embedder a few tower batches of items at a time, every row of an item in the same call
+    (so each item's towers still run once), with a progress bar of rows on stderr.
+    """
+    import sys
+
+    from tqdm import tqdm
+
     items, texts = rows.items(), [index.texts[t] for t in rows.texts()]
-    img = embedder.embed_images([images[i] for i in items], texts)
-    txt = embedder.embed_texts([index.captions[i] for i in items], texts)
+    rows_of: dict[int, list[int]] = {}
+    for r, i in enumerate(items):  # distinct items in first-row order, as the embedder batches them
+        rows_of.setdefault(i, []).append(r)
+    order = list(rows_of)
+    step = embedder.batch_size * EMBED_CALLS_PER_UPDATE
+    dim = int(embedder.spec["embed_dim"])
+    img, txt = torch.empty(len(items), dim), torch.empty(len(items), dim)                 # [B, D] each
+    with tqdm(total=len(items), desc="embedding rows", unit="row", file=sys.stderr,
+              disable=_progress_disabled()) as bar:
+        for start in range(0, len(order), step):
+            part = [r for i in order[start:start + step] for r in rows_of[i]]
+            part_texts = [texts[r] for r in part]
+            img[part] = embedder.embed_images([images[items[r]] for r in part], part_texts)
+            txt[part] = embedder.embed_texts([index.captions[items[r]] for r in part], part_texts)
+            bar.update(len(part))
     return img, txt
 
 
@@ -166,8 +200,8 @@ def evaluate(model: torch.nn.Module, tokenizer, samples: Sequence[dict[str, Any]
     identical on every rank that passes the same samples.
     """
     spec = dict(model.spec, mode=mode, context_length=context_length, image_size=image_size)
-    if mode not in ("rcml", "clip"):
-        raise ValueError(f"mode must be 'rcml' or 'clip', got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {'|'.join(MODES)}, got {mode!r}")
     samples = list(samples)
     index = build_index(samples)
     queries = {p: plan_queries(index, negatives, seed, max_queries, protocol=p) for p in ("random", "confusable")}
