@@ -24,7 +24,8 @@ Three faces, one signature (``impl``):
   (``sum_{k in P(i)} r_i.c_k = r_i.(sum_{k in P(i)} c_k)``) instead of a masked b x N pass. This is the
   CPU training path.
 - ``triton``: kernels/contrastive_triton.py, tiled forward with an online softmax and in-tile positive
-  test, two-pass recomputing backward (GPU; CPU under TRITON_INTERPRET=1).
+  test, split over the columns when the rows alone cannot fill the GPU (b local rows << N gathered
+  columns) and merged per row, two-pass recomputing backward (GPU; CPU under TRITON_INTERPRET=1).
 
 ``multi_positive_pair_loss`` serves I->T and T->I together when rows and columns are the same N items
 (one process): T->I logits are the transpose of I->T logits, so the torch path computes each logits
