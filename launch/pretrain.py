@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, epilog=config_keys_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", default=None,
-                   help="DeepSpeed JSON (configs/zero3.json, zero2.json, zero3_offload.json, zero3_bf16.json)")
+                   help="DeepSpeed JSON: configs/zero3.json, zero2.json, zero3_offload.json, zero3_bf16.json (CPU, "
+                        "CI); configs/gpu_zero2_bf16.json, gpu_zero3_bf16.json (GPU)")
     p.add_argument("--config", default=None, help="run configuration YAML (configs/pretrain/*.yaml)")
     p.add_argument("--resume", default=None,
                    help="'latest' (the newest checkpoint in <train.out_dir>/checkpoints; an error if there is "

@@ -23,7 +23,15 @@ pretrained weights: a whole CLIPModel with ``model.init_from``, or single towers
 
 ZeRO-3: every parameter is created and initialized in a module constructor (the model is built under
 ``deepspeed.zero.Init``), and parameters are only read by calling their modules, or in ``forward``
-for ``logit_scale`` (exp'd and clamped there, never modified in place).
+for ``logit_scale``.
+
+``logit_scale`` is the log of the contrastive scale (1 / temperature). ``forward`` exponentiates it in
+fp32 (or wider) even when the model runs in bf16, and does not clamp it: the trainer keeps the stored
+value in [0, ln LOGIT_SCALE_MAX] in place after every optimizer step (``rcml/train/optimizer.py``), so
+its gradient is never cut off by a clamp. Under DeepSpeed bf16 the parameter itself lives in
+DeepSpeed's fp32 master copy, which the optimizer updates and the clamp bounds; the module holds that
+value rounded to bf16 (steps of 1/32 near ln 100, i.e. the scale the forward sees moves in steps of
+3 %), and the fp32 exp adds no rounding of its own (a bf16 exp near 100 would round to steps of 0.5).
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ log = logging.getLogger(__name__)
 
 SPEC_FORMAT = "rcml-model/1"
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
-LOGIT_SCALE_MAX = 100.0
+LOGIT_SCALE_MAX = 100.0  # the bound the trainer keeps exp(logit_scale) under
 
 
 class RCMLModel(nn.Module):
@@ -177,8 +185,11 @@ class RCMLModel(nn.Module):
         """ids, mask [I, L], relation_emb [R, D], rows [B] -> unit-norm text embeddings [B, D] (fp32 or wider)."""
         return self.pool_texts(self.text_features(ids, mask), relation_emb, row_item, row_relation)
 
+    def _logit_scale_fp32(self) -> torch.Tensor:
+        return self.logit_scale.to(torch.promote_types(self.logit_scale.dtype, torch.float32))
+
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        """-> {"image_emb" [B, D], "text_emb" [B, D] (unit norm, fp32 or wider), "logit_scale" (exp'd, clamped at 100)},
+        """-> {"image_emb" [B, D], "text_emb" [B, D] (unit norm, fp32 or wider), "logit_scale" (exp'd, 0-d fp32)},
         plus "cond_image_emb" / "cond_text_emb" [C, D] when the batch carries conditioned rows."""
         relation_emb = None
         if self.uses_pooling and batch.relation_ids.shape[1] == batch.text_ids.shape[1]:
@@ -196,7 +207,7 @@ class RCMLModel(nn.Module):
         image = self.image_features(batch.images)
         out = {"image_emb": self.pool_images(image, relation_emb, batch.row_item, batch.row_relation),
                "text_emb": self.pool_texts(text, relation_emb, batch.row_item, batch.row_relation),
-               "logit_scale": self.logit_scale.exp().clamp(max=LOGIT_SCALE_MAX).reshape(())}
+               "logit_scale": self._logit_scale_fp32().exp().reshape(())}
         if batch.cond_item is not None:  # the conditioned term's rows: the same features, pooled again
             out["cond_image_emb"] = self.pool_images(image, relation_emb, batch.cond_item, batch.cond_relation)
             out["cond_text_emb"] = self.pool_texts(text, relation_emb, batch.cond_item, batch.cond_relation)

@@ -1,6 +1,7 @@
 """DeepSpeed JSON handling: derived values come from the run config, bad configs fail clearly."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,37 @@ def test_shipped_configs_load_and_derive_batch_and_schedule():
     assert not uses_bf16(load_ds_config("configs/zero3.json", run, 1))
 
 
+def test_gpu_configs_use_bf16_fp32_reductions_fused_adam_and_large_buckets_cpu_configs_do_not():
+    configs = {path.stem: load_ds_config(path, cfg("train.steps=10000"), world_size=64)
+               for path in sorted(Path("configs").glob("*.json"))}
+    gpu = {name: ds for name, ds in configs.items() if name.startswith("gpu_")}
+    assert {name: zero_stage(ds) for name, ds in gpu.items()} == {"gpu_zero2_bf16": 2, "gpu_zero3_bf16": 3}
+    for name, ds in gpu.items():
+        zero = ds["zero_optimization"]
+        assert uses_bf16(ds), name
+        # gradients are summed over the ranks, and accumulated over micro-batches, in fp32
+        assert ds["communication_data_type"] == "fp32" and ds["data_types"]["grad_accum_dtype"] == "fp32"
+        assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is False  # FusedAdam
+        assert ds["optimizer"]["params"]["weight_decay"] > 0  # biases, norms, embeddings, logit_scale: 0 (trainer)
+        assert zero["overlap_comm"] is True and zero["contiguous_gradients"] is True
+        assert zero["reduce_bucket_size"] >= 5e8
+        if zero_stage(ds) == 3:
+            assert zero["stage3_prefetch_bucket_size"] >= 5e8 and zero["stage3_param_persistence_threshold"] >= 1e6
+        else:
+            assert zero["allgather_bucket_size"] >= 5e8
+        assert ds["scheduler"]["params"]["warmup_num_steps"] >= 1000
+    # the CPU configs (CI, the demo) compile nothing (torch's AdamW) and keep bf16 to zero3_bf16
+    cpu = {name: ds for name, ds in configs.items() if name not in gpu}
+    assert {name for name, ds in cpu.items() if uses_bf16(ds)} == {"zero3_bf16"}
+    for name, ds in cpu.items():
+        adam = ds["optimizer"]["params"]
+        if name == "zero3_offload":  # the optimizer runs on the CPU: DeepSpeed's cpu_adam
+            assert "torch_adam" not in adam
+        else:
+            assert adam["torch_adam"] is True, name
+        assert ds["zero_optimization"]["overlap_comm"] is False and "communication_data_type" not in ds, name
+
+
 def test_warmup_longer_than_run_is_shortened():
     ds = load_ds_config("configs/zero3.json", cfg("train.steps=5"), 1)
     assert ds["scheduler"]["params"]["warmup_num_steps"] < 5
@@ -34,6 +66,7 @@ def test_warmup_longer_than_run_is_shortened():
     ({"fp16": {"enabled": True}}, "fp16"),
     ({"zero_optimization": {"stage": 7}}, "stage"),
     ({"optimizer": None}, "optimizer"),
+    ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}, "bf16 needs zero_optimization.stage 1, 2 or 3"),
 ])
 def test_bad_ds_configs(tmp_path, patch, message):
     ds = json.loads(open("configs/zero3.json").read())

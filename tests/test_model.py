@@ -260,13 +260,21 @@ def test_tiny_and_base_sizes():
     assert base["embed_dim"] == 512 and base["vision"]["patch_size"] == 32 and base["vision"]["width"] == 768
 
 
-def test_logit_scale_init_and_clamp(micro_json):
+def test_logit_scale_init_and_fp32_exp(micro_json):
     model = make(micro_json)
     out = model(batch(seed=7))
     assert out["logit_scale"].shape == () and math.isclose(out["logit_scale"].item(), 1 / 0.07, rel_tol=1e-5)
+    # no clamp in forward (the trainer bounds the stored value in place: tests/test_optimizer.py)
     with torch.no_grad():
         model.logit_scale.fill_(math.log(1000.0))
-    assert model(batch(seed=7))["logit_scale"].item() == 100.0
+    assert math.isclose(model(batch(seed=7))["logit_scale"].item(), 1000.0, rel_tol=1e-5)
+    # a bf16 model (DeepSpeed bf16) exponentiates its bf16 parameter in fp32
+    model = model.to(torch.bfloat16)
+    b = batch(seed=7)
+    b.images = b.images.to(torch.bfloat16)
+    scale, stored = model(b)["logit_scale"], model.logit_scale.item()
+    assert model.logit_scale.dtype == torch.bfloat16 and scale.dtype == torch.float32
+    assert scale.item() == pytest.approx(math.exp(stored), rel=1e-6)  # a bf16 exp is off by up to 0.4 %
 
 
 def test_build_errors_are_clear(micro_json):

@@ -108,6 +108,10 @@ def load_ds_config(path: str | Path, cfg: RunConfig, world_size: int,
         raise ConfigError(f"--ds_config {path}: zero_optimization.stage must be 0..3, got {stage}")
     if ds.get("fp16", {}).get("enabled"):
         raise ConfigError(f"--ds_config {path}: fp16 is not supported (use bf16 or fp32)")
+    if uses_bf16(ds) and stage == 0:  # DeepSpeed's stage-0 bf16 wrapper hides the fp32 master weights
+        raise ConfigError(f"--ds_config {path}: bf16 needs zero_optimization.stage 1, 2 or 3 (stage 1 moves "
+                          "as many bytes as plain data parallelism); the trainer bounds the logit scale in the "
+                          "fp32 master weights, which it can only reach through ZeRO")
     return ds
 
 

@@ -17,6 +17,7 @@ from rcml.model import build_model  # noqa: E402
 def main() -> None:
     out = Path(next(a for a in sys.argv[1:] if not a.startswith("--local_rank")))
     ds = json.loads(Path("configs/zero3.json").read_text())
+    ds["train_micro_batch_size_per_gpu"] = 1  # zero.Init reads a whole DeepSpeed config (the trainer derives it)
     deepspeed.init_distributed(verbose=False)
     with deepspeed.zero.Init(config_dict_or_path=ds):
         model = build_model(ModelConfig(name="tiny"), vocab_size=500, pad_id=0, bos_id=1, eos_id=2,
