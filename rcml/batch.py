@@ -90,6 +90,9 @@ class Batch:
     stats: dict[str, int] = field(default_factory=dict)      # batch_stats() of a training batch
     worker: int = 0               # logical DataLoader worker that produced the batch
     index: int = 0                # that worker's batch counter
+    # that worker's stream state just after this batch (rcml.stream.WorkerStream.state): what a checkpoint
+    # saves per worker to resume the data exactly (rcml.data_state.LoaderPosition)
+    reader_state: dict | None = None
 
     @property
     def num_rows(self) -> int:

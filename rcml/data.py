@@ -1,6 +1,6 @@
-"""Shard URLs -> WebDataset stream -> relation-grouped ``Batch``es, with an exactly resumable position.
+"""Shard URLs -> light-stage stream -> relation-grouped ``Batch``es, with an exactly resumable position.
 
-One logical DataLoader worker runs this pipeline::
+One logical DataLoader worker runs this pipeline (``rcml.stream.WorkerStream``)::
 
     sources "a::b" (brace-expanded, weights "3::1")
       per source: shard list (epoch: seeded permutation, split by rank then by worker | resampled: draws)
@@ -11,12 +11,13 @@ One logical DataLoader worker runs this pipeline::
 
 The stream of a logical worker is a pure function of (seed, epoch, rank, worker). A DataLoader with W
 workers yields their batches round-robin (round r: worker 0, 1, ..., W-1, skipping workers that have
-run dry), so global batch j of an epoch is determined by the per-worker batch counts. To resume at
-``start_batch=n``, every physical worker replays the light stage and the grouping of all W logical
-streams (tar reading and JSON parsing, no pixel decoding or tokenization) until the n batches are
-accounted for, then plays the logical worker whose turn comes next in its rotation and continues it.
-Cost: reading the part of the epoch this rank has already consumed, in each worker; exact also when
-some workers ran dry before n.
+run dry). Every ``Batch`` carries ``reader_state``, its worker's stream state just after it; the trainer
+keeps the one of the last batch it consumed from each worker (``rcml.data_state.LoaderPosition``). To
+resume, physical worker p plays the logical worker whose turn is p-th from the saved next one, rebuilt
+from its state (the buffered samples re-read by seeking into their shards), and continues it: the
+cost does not depend on how far the epoch got. Where a state cannot be restored (shards that are not
+local uncompressed tars), every physical worker replays the light stage and the grouping of all W
+logical streams until the consumed batches are accounted for (``_replay``).
 
 Why the shard split is done here and not with ``wds.split_by_node``/``split_by_worker``: those read the
 rank and the *physical* worker id from the environment; exact resume needs the *logical* worker.
@@ -30,25 +31,24 @@ import os
 import random
 import signal
 import sys
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import braceexpand
 import numpy as np
 import torch
-import webdataset as wds
 
 from rcml.batch import Batch, batch_stats, clip_mode_text, group_id, item_identity, member_group_ids
 from rcml.conditioned import conditioned_rows
 from rcml.config import MODES, DataConfig
+from rcml.data_state import LoaderPosition
 from rcml.decode import SkipCounter, iter_items, load_image
 from rcml.preprocess import ImageTransform, normalize
-from rcml.sampler import RelationGroupingSampler, Row
+from rcml.sampler import Row
 from rcml.seeding import stream_seed
 from rcml.shard_manifest import check_manifest, resolve_pattern
+from rcml.stream import StreamPlan, WorkerStream
 
 log = logging.getLogger(__name__)
-
 
 
 # ----------------------------------------------------------------------------------------- sources
@@ -93,94 +93,37 @@ def iter_samples(urls: str, *, strict: bool = False, counter: SkipCounter | None
 
 
 # ---------------------------------------------------------------------------------------- pipeline
-@dataclass
-class _Plan:
-    """Everything that defines the streams of one rank (picklable: it travels to the workers)."""
-
-    cfg: DataConfig
-    sources: list[tuple[list[str], float]]
-    mode: str
-    rank: int
-    world_size: int
-    seed: int
-    epoch: int
-    train: bool
-    cond_candidates: int = 0  # > 0: build the conditioned term's rows (rcml/conditioned.py)
-
-
-def _shards(plan: _Plan, source: int, urls: list[str], worker: int, num_workers: int):
-    """Shard URLs (as ``{"url": ...}``) of one source for one logical worker."""
-    key = ("shards", plan.seed, plan.epoch, source)
-    if plan.cfg.resampled:
-        reader = plan.rank * num_workers + worker
-        return wds.ResampledShards(urls, seed=stream_seed(*key), worker_seed=lambda: reader, deterministic=True)
-    shuffled = plan.train and plan.cfg.shard_shuffle > 0  # a full seeded permutation per epoch
-    ordered = list(wds.SimpleShardList(urls, seed=stream_seed(*key) if shuffled else None))
-    return ordered[plan.rank::plan.world_size][worker::num_workers]
-
-
-def _mix(streams: list[Iterator], weights: list[float], rng: random.Random) -> Iterator:
-    """Seeded weighted interleave until every source is exhausted (wds.RandomMix uses the global RNG)."""
-    streams, weights = list(streams), list(weights)
-    while streams:
-        i = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
-        try:
-            yield next(streams[i])
-        except StopIteration:
-            del streams[i], weights[i]
-
-
-def _items(plan: _Plan, worker: int, num_workers: int, counter: SkipCounter) -> Iterator:
-    cfg = plan.cfg
-    ident = (plan.seed, plan.epoch, plan.rank, worker)
-
-    def expand(shards):
-        for shard in shards:
-            yield from iter_items(shard["url"], counter, cfg.max_image_pixels)
-
-    streams = []
-    for s, (urls, _) in enumerate(plan.sources):
-        shuffle = None
-        if plan.train and cfg.sample_shuffle > 0:
-            rng = random.Random(stream_seed("samples", *ident, s))
-            shuffle = wds.shuffle(cfg.sample_shuffle, min(cfg.sample_shuffle, 100), rng=rng)
-        shards = _shards(plan, s, urls, worker, num_workers)
-        streams.append(iter(wds.DataPipeline(lambda shards=shards: iter(shards), expand, shuffle)))
-    return _mix(streams, [w for _, w in plan.sources], random.Random(stream_seed("mix", *ident)))
-
-
-def _raw_batches(plan: _Plan, worker: int, num_workers: int) -> Iterator[tuple[list[Row], dict[str, int]]]:
-    """Grouped rows of one logical worker, each with the samples skipped since the previous batch.
+def _raw_batches(plan: StreamPlan, worker: int, num_workers: int, state: dict[str, Any] | None = None
+                 ) -> Iterator[tuple[int, list[Row], dict[str, int], dict[str, Any]]]:
+    """(index, rows, samples skipped since the previous batch, the stream's state after this batch) of
+    one logical worker, from the epoch's start or from a ``reader_state`` (then from the batch after it).
 
     Skips after the last batch are added to the last batch (one batch of lookahead), so none is lost.
     """
-    cfg = plan.cfg
-    counter = SkipCounter(strict=cfg.strict)
-    sampler = RelationGroupingSampler(cfg.groups_per_batch, cfg.members_per_group, cfg.min_group, cfg.buffer_size,
-                                      cfg.type_weights, hard=cfg.hard_batches and plan.train,
-                                      type_quotas=cfg.type_quotas, seed=plan.seed, epoch=plan.epoch, rank=plan.rank,
-                                      worker=worker)
-    pending, mark = None, {}
-    for rows in sampler(_items(plan, worker, num_workers, counter)):
+    counter = SkipCounter(strict=plan.cfg.strict)
+    stream = WorkerStream(plan, worker, num_workers, counter, state)
+    index, pending, mark = stream.index, None, {}
+    for rows in stream:
         if pending is not None:
             yield pending
-        pending, mark = (rows, counter.since(mark)), counter.snapshot()
+        pending, mark = (index, rows, counter.since(mark), stream.state(index)), counter.snapshot()
+        index += 1
     if pending is not None:
-        trailing = counter.since(mark)
-        yield pending[0], {k: pending[1].get(k, 0) + trailing.get(k, 0) for k in pending[1].keys() | trailing.keys()}
-    elif counter.counts:
+        index, rows, skipped, after = pending
+        yield index, rows, _merge(skipped, counter.since(mark)), after
+    elif counter.counts and state is None:  # (a resumed stream past its last batch re-reads the trailing skips)
         log.warning("rank %d worker %d: no batch in epoch %d, %d sample(s) skipped: %s", plan.rank, worker,
                     plan.epoch, counter.total, counter.counts)
 
 
-def _resume(plan: _Plan, num_workers: int, start_batch: int):
-    """Replay the W logical streams in DataLoader order up to ``start_batch``.
+def _replay(plan: StreamPlan, num_workers: int, start_batch: int):
+    """The fallback resume: replay the W logical streams in DataLoader order up to ``start_batch``.
 
-    Returns (logical worker whose batch comes next, batches each worker has produced, the streams),
-    or None when the epoch ended before ``start_batch``.
+    Returns (logical worker whose batch comes next, the streams), or None when the epoch ended before
+    ``start_batch``.
     """
     streams = [_raw_batches(plan, w, num_workers) for w in range(num_workers)]
-    counts, active, produced, last = [0] * num_workers, [True] * num_workers, 0, num_workers - 1
+    active, produced, last = [True] * num_workers, 0, num_workers - 1
     while produced < start_batch and any(active):
         for w in range(num_workers):
             if produced == start_batch:
@@ -189,18 +132,18 @@ def _resume(plan: _Plan, num_workers: int, start_batch: int):
                 if next(streams[w], None) is None:
                     active[w] = False
                 else:
-                    counts[w], produced, last = counts[w] + 1, produced + 1, w
+                    produced, last = produced + 1, w
     if produced < start_batch:
         return None
-    return (last + 1) % num_workers, counts, streams
+    return (last + 1) % num_workers, streams
 
 
 class GroupedStream(torch.utils.data.IterableDataset):
     """The IterableDataset behind ``build_loader``: yields ``Batch``es (batching happens inside)."""
 
-    def __init__(self, plan: _Plan, tokenizer, num_workers: int, start_batch: int = 0) -> None:
+    def __init__(self, plan: StreamPlan, tokenizer, num_workers: int, resume: LoaderPosition | None = None) -> None:
         super().__init__()
-        self.plan, self.tokenizer, self.num_workers, self.start_batch = plan, tokenizer, num_workers, start_batch
+        self.plan, self.tokenizer, self.num_workers, self.resume = plan, tokenizer, num_workers, resume
         self.transform = ImageTransform(plan.cfg.image_size, plan.train)
         self._relation_cache: dict[str, tuple[torch.Tensor, torch.Tensor, bool]] = {}
 
@@ -227,23 +170,26 @@ class GroupedStream(torch.utils.data.IterableDataset):
             gc.freeze()
         if num != self.num_workers:
             raise RuntimeError(f"GroupedStream planned for {self.num_workers} workers runs under {num}")
-        if self.start_batch == 0:
-            worker, index, raw = physical, 0, _raw_batches(self.plan, physical, num)
+        resume = self.resume
+        if resume is None:
+            worker, raw = physical, _raw_batches(self.plan, physical, num)
+        elif resume.replay_reason() is None:  # each logical worker continues from its saved state
+            worker = (resume.next_worker + physical) % num
+            raw = _raw_batches(self.plan, worker, num, resume.cursors[worker])
         else:
-            resumed = _resume(self.plan, num, self.start_batch)
-            if resumed is None:
+            replayed = _replay(self.plan, num, resume.batches)
+            if replayed is None:
                 return
-            first, counts, streams = resumed
+            first, streams = replayed
             worker = (first + physical) % num
-            index, raw = counts[worker], streams[worker]
+            raw = streams[worker]
             for w, s in enumerate(streams):
                 if w != worker:
                     s.close()
         carry: dict[str, int] = {}
-        for rows, skipped in raw:
+        for index, rows, skipped, state in raw:
             skipped = _merge(carry, skipped)
-            batch = self.collate(rows, skipped, worker, index)
-            index += 1
+            batch = self.collate(rows, skipped, worker, index, state)
             if batch is None:  # every image of the batch failed to decode: report with the next batch
                 carry = skipped
                 continue
@@ -253,7 +199,8 @@ class GroupedStream(torch.utils.data.IterableDataset):
             log.warning("rank %d worker %d: the last batch of epoch %d had no decodable image; skipped: %s",
                         self.plan.rank, worker, self.plan.epoch, carry)
 
-    def collate(self, rows: list[Row], skipped: dict[str, int], worker: int, index: int) -> Batch | None:
+    def collate(self, rows: list[Row], skipped: dict[str, int], worker: int, index: int,
+                reader_state: dict[str, Any] | None = None) -> Batch | None:
         """Heavy stage: decode + transform images, tokenize, build the Batch (None if no row is left).
 
         A row whose image fails here (a valid header over corrupt pixel data) is dropped and counted in
@@ -311,7 +258,7 @@ class GroupedStream(torch.utils.data.IterableDataset):
             member_groups=member_group_ids(row_groups, item_groups),
             item_ids=torch.tensor([item_identity(row.item.url, row.item.key) for row in kept], dtype=torch.int64),
             keys=[row.item.key for row in kept], relation_types=[row.type for row in kept],
-            skipped=skipped, worker=worker, index=index,
+            skipped=skipped, worker=worker, index=index, reader_state=reader_state,
             stats=batch_stats(row_groups, [row.type for row in kept], item_groups) | truncation, **cond)
 
 
@@ -370,20 +317,19 @@ class DieWithRank:
 
 
 def build_loader(cfg: DataConfig, tokenizer, *, mode: str, rank: int, world_size: int, seed: int, epoch: int = 0,
-                 start_batch: int = 0, urls: str | None = None, train: bool = True,
+                 position: LoaderPosition | None = None, urls: str | None = None, train: bool = True,
                  cond_candidates: int = 0) -> torch.utils.data.DataLoader:
     """DataLoader of ``Batch``es for one rank (``batch_size=None``: batches are formed by the sampler).
 
-    ``start_batch=n`` yields exactly batches n, n+1, ... of what an uninterrupted loader with the same
-    arguments yields. ``urls`` overrides ``cfg.train``; ``train=False`` disables shuffles and random crops.
-    ``cond_candidates > 0`` adds the conditioned term's rows to every batch (``loss.cond_candidates``).
+    ``position``: a ``LoaderPosition`` that consumed the first n batches of an identical loader (same
+    arguments); this loader then yields exactly its batches n, n+1, ... ``urls`` overrides ``cfg.train``;
+    ``train=False`` disables shuffles and random crops. ``cond_candidates > 0`` adds the conditioned
+    term's rows to every batch (``loss.cond_candidates``).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {'|'.join(MODES)}, got {mode!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-    if start_batch < 0:
-        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
     pattern = urls if urls is not None else cfg.train
     if not pattern:
         raise ValueError("no shards: set data.train (e.g. 'data/train/shard-{000000..000009}.tar')")
@@ -398,9 +344,20 @@ def build_loader(cfg: DataConfig, tokenizer, *, mode: str, rank: int, world_size
                     f"{world_size} x data.workers {workers} = {world_size * workers} readers each need at least "
                     "one: lower data.workers, write smaller shards (data_prep.build_shards --shard-size), "
                     "or set data.resampled=true")
-    plan = _Plan(cfg=cfg, sources=sources, mode=mode, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
-                 train=train, cond_candidates=cond_candidates)
-    dataset = GroupedStream(plan, tokenizer, workers, start_batch)
+    plan = StreamPlan(cfg=cfg, sources=sources, mode=mode, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
+                      train=train, cond_candidates=cond_candidates)
+    resume = None
+    if position is not None and position.batches > 0:
+        position.check(cfg, pattern)  # the cursors continue streams these settings define
+        resume = position.copy()      # the trainer goes on updating its own
+        reason = resume.replay_reason()
+        if reason is None:
+            log.info("rank %d: the loader resumes epoch %d at batch %d from its %d workers' saved reader states",
+                     rank, epoch, resume.batches, workers)
+        else:
+            log.info("rank %d: the loader resumes epoch %d at batch %d by replaying the epoch so far: %s", rank,
+                     epoch, resume.batches, reason)
+    dataset = GroupedStream(plan, tokenizer, workers, resume)
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
                                        pin_memory=torch.cuda.is_available(),
                                        prefetch_factor=4 if cfg.workers > 0 else None,

@@ -20,12 +20,17 @@ Every string that leaves this module is valid Unicode (encodable as UTF-8): ``js
 surrogate escapes (``"\\udc80"``) and tarfile maps non-UTF-8 name bytes to lone surrogates, and such a
 string would only fail much later (hashing a group id, tokenizing), far from the shard that holds it.
 
-Reading is split in two so that resuming can replay a stream cheaply:
+Reading is split in two so that the grouping buffer holds no pixels:
 
 - ``iter_tar_samples`` + ``parse_sample`` (the *light* stage, before grouping): tar members -> ``Item``
   with the caption and relations decoded and the image *header* checked (format, pixel count). This is
-  what the grouping sampler buffers and what a resume replays.
+  what the grouping sampler buffers.
 - ``load_image`` (the *heavy* stage, after grouping): full pixel decode to RGB, reusing the parsed header.
+
+``iter_tar_positions`` also gives each sample's byte offset in a local uncompressed shard (that of its
+first tar header) and the offset where the next sample starts, and can start reading at such an offset:
+what lets a checkpoint name buffered samples and reader positions instead of replaying the stream
+(``rcml.stream``).
 
 This module does not import torch: the offline tools in ``data_prep`` use it too.
 """
@@ -141,14 +146,22 @@ class Item:
     caption: str
     relations: list[dict[str, str]]   # [{"group", "type", "text"}], distinct groups, in shard order
     opened: Image.Image | None = None  # the header parsed by the light stage, reused by load_image
+    # how a checkpoint names this sample, set by the stream reader (rcml.stream): (source, shard index,
+    # byte offset of the sample's first tar header, crc32 of the key); None where it cannot be re-read
+    ref: tuple[int, int, int, int] | None = None
 
 
 # ----------------------------------------------------------------------------------------------- tar
+def is_local(url: str) -> bool:
+    """A local file path (or ``file:path``): opened directly, and seekable. ``pipe:`` and ``scheme://`` are not."""
+    return "://" not in url and not url.startswith("pipe:")
+
+
 def _open_url(url: str):
     """A local path is opened directly; anything else (``pipe:``, ``http(s)://``, ...) by WebDataset's
     ``gopen``, like any WebDataset reader. (Importing webdataset imports torch: the offline tools in
     ``data_prep`` avoid it for local shards.)"""
-    if "://" not in url and not url.startswith("pipe:"):
+    if is_local(url):
         return open(url.removeprefix("file:"), "rb")
     import webdataset as wds
 
@@ -232,7 +245,26 @@ def _member_error(info: tarfile.TarInfo, ext: str, sample: dict[str, Any], sampl
 
 
 def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
-    """Group consecutive tar members by key: ``{"__key__", "__url__", ext: bytes, ...}``.
+    """Group consecutive tar members by key: ``{"__key__", "__url__", ext: bytes, ...}`` (``iter_tar_positions``
+    without the offsets)."""
+    samples = iter_tar_positions(url, counter)
+    try:
+        for sample, _, _ in samples:
+            yield sample
+    finally:
+        samples.close()
+
+
+def iter_tar_positions(url: str, counter: SkipCounter,
+                       start: int = 0) -> Iterator[tuple[dict[str, Any], int, int | None]]:
+    """(sample, offset, next offset): consecutive tar members grouped by key, ``{"__key__", "__url__", ext:
+    bytes, ...}``, with the byte offset in the shard of the sample's first tar header and that of the next
+    sample (None after the last one).
+
+    Both offsets are -1 where they cannot be used to seek: in a compressed tar (they would count
+    decompressed bytes) and after a global pax header (it applies to the members after it, so reading
+    cannot start past it). ``start`` > 0, an offset of an earlier read of this local, uncompressed shard,
+    starts reading there: tarfile's stream mode reads from any header boundary.
 
     Only the members ``parse_sample`` decodes (``KNOWN_EXTS``) of a sample not yet known to be skipped
     are read; the extensions of the other members are listed in ``"__ignored__"`` (in tar order), their
@@ -250,14 +282,20 @@ def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]
     if stream is None:
         return
     current: dict[str, Any] | None = None
+    first = -1            # offset of ``current``'s first header
     sample_bytes = 0      # data read for ``current`` so far
     doomed = False        # ``current`` will be skipped by parse_sample whatever its bytes
     try:
         try:
-            tf = tarfile.open(fileobj=stream, mode="r|*", encoding="utf-8", errors="surrogateescape")
+            if start:
+                stream.seek(start)
+            # at an offset the tar is known to be uncompressed: no compression sniffing of a header block
+            tf = tarfile.open(fileobj=stream, mode="r|" if start else "r|*", encoding="utf-8",
+                              errors="surrogateescape")
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exn:
             counter.skip("truncated_tar", url, "", f"cannot open as a tar: {exn}")
             return
+        plain = tf.fileobj.comptype == "tar"
         try:
             for info in tf:
                 if not info.isreg():
@@ -266,11 +304,12 @@ def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]
                 basename = info.name.rsplit("/", 1)[-1]
                 if prefix is None or basename.startswith("__"):
                     continue  # tar-level metadata (``__index__``) or a name without extension: not a sample member
+                offset = start + info.offset if plain and not tf.pax_headers else -1
                 if current is not None and prefix != current["__key__"]:
-                    yield current
+                    yield current, first, offset
                     current = None
                 if current is None:  # before reading the data: a cut inside it is charged to this sample
-                    current, sample_bytes, doomed = {"__key__": prefix, "__url__": url}, 0, False
+                    current, first, sample_bytes, doomed = {"__key__": prefix, "__url__": url}, offset, 0, False
                 # parse_sample skips a sample with an error without looking at its bytes, and never looks
                 # at an ignored member: their data stay in the stream, which tarfile steps over
                 decoded = ext in KNOWN_EXTS
@@ -298,7 +337,7 @@ def iter_tar_samples(url: str, counter: SkipCounter) -> Iterator[dict[str, Any]]
             counter.skip("truncated_tar", url, key, str(exn))
             current = None
         if current is not None:
-            yield current
+            yield current, first, None
     finally:
         stream.close()
 

@@ -20,8 +20,10 @@ Runs inside each DataLoader worker, after the light decode stage and before any 
   ``self_group(item)``, text ``SELF_TEXT``), so no item is ever dropped;
 - at the end of the stream the buffer is drained the same way; only the last batch may be smaller.
 
-Everything is deterministic in (seed, epoch, rank, worker) and the input order: resume replays the
-stream (``rcml.data._resume``), and the grouping reproduces exactly the batches of an uninterrupted run.
+Everything is deterministic in (seed, epoch, rank, worker) and the input order. ``state()`` is the
+sampler's full state between two batches (buffered items oldest first, ready groups in order, RNG, stats);
+``sampler(items, state)`` continues from it, giving exactly the batches an uninterrupted sampler would
+(what a resumed loader relies on, ``rcml.stream``).
 """
 
 from __future__ import annotations
@@ -141,21 +143,30 @@ class RelationGroupingSampler:
         self.stats = {"batches": 0, "rows": 0, "grouped_rows": 0, "singleton_rows": 0, "frontier_groups": 0}
 
     # ---------------------------------------------------------------------------------- stream
-    def __call__(self, items: Iterable[Any]) -> Iterator[list[Row]]:
-        """Pipeline stage: items -> batches (lists of ``Row``)."""
-        self._rng = random.Random(stream_seed("sampler", *self.identity.values()))
-        self._buffer: dict[int, Any] = {}                         # seq -> item, oldest first
-        self._item_groups: dict[int, dict[str, tuple[str, str]]] = {}  # seq -> {group: (type, text)}
-        self._members: dict[str, dict[int, None]] = {}           # group -> buffered seqs, oldest first
-        self._group_type: dict[str, str] = {}
-        self._ready = _ReadyGroups()
-        self.stats = dict.fromkeys(self.stats, 0)
-        for seq, item in enumerate(items):
-            self._push(seq, item)
+    def __call__(self, items: Iterable[Any], state: dict[str, Any] | None = None) -> Iterator[list[Row]]:
+        """Pipeline stage: items -> batches (lists of ``Row``). ``state``: a ``state()`` (its ``items``
+        the buffered items themselves) to continue from instead of starting afresh."""
+        self._reset()
+        if state is not None:
+            self._restore(state)
+        for item in items:
+            self._push(self._seq, item)
+            self._seq += 1
             if len(self._buffer) >= self.buffer_size:
                 yield self._emit()
         while self._buffer:
             yield self._emit()
+
+    def _reset(self) -> None:
+        self._rng = random.Random(stream_seed("sampler", *self.identity.values()))
+        self._seq = 0                                             # sequence number of the next item
+        self._buffer: dict[int, Any] = {}                         # seq -> item, oldest first
+        self._item_groups: dict[int, dict[str, tuple[str, str]]] = {}  # seq -> {group: (type, text)}
+        self._members: dict[str, dict[int, None]] = {}           # group -> buffered seqs, oldest first
+        self._group_type: dict[str, str] = {}                    # set by the item that opened the group
+        self._mixed: set[str] = set()  # groups whose items disagree on the type (so state() must record it)
+        self._ready = _ReadyGroups()
+        self.stats = dict.fromkeys(self.stats, 0)
 
     def _push(self, seq: int, item: Any) -> None:
         self._buffer[seq] = item
@@ -166,9 +177,54 @@ class RelationGroupingSampler:
             if members is None:
                 members = self._members[group] = {}
                 self._group_type[group] = rtype
+            elif rtype != self._group_type[group]:
+                self._mixed.add(group)
             members[seq] = None
             if len(members) == self.min_group:
                 self._ready.add(self._group_type[group], group)
+
+    # ----------------------------------------------------------------------------------- state
+    def state(self) -> dict[str, Any]:
+        """The full state between two batches. A group is named by (buffer position of its oldest member,
+        index of the group among that item's relations), so that only the items need saving by reference:
+
+        ``items``: buffered items, oldest first; ``ready``: {type: [(position, relation)]}, the ready groups
+        in pick order; ``group_types``: [(position, relation, type)] for groups whose type is not the one
+        their oldest member gives; ``rng``: ``random.Random.getstate()``; ``stats``.
+        """
+        seqs = list(self._buffer)
+        position = {seq: i for i, seq in enumerate(seqs)}
+
+        def name(group: str) -> tuple[int, int]:
+            oldest = next(iter(self._members[group]))
+            return position[oldest], list(self._item_groups[oldest]).index(group)
+
+        ready = {rtype: [name(g) for g in groups] for rtype, groups in self._ready.keys.items() if groups}
+        types = [(*name(g), self._group_type[g]) for g in sorted(self._mixed)
+                 if self._group_type[g] != self._item_groups[next(iter(self._members[g]))][g][0]]
+        return {"items": list(self._buffer.values()), "ready": ready, "group_types": types,
+                "rng": self._rng.getstate(), "stats": dict(self.stats)}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        # pushing the items oldest first rebuilds the per-group member lists (always oldest first) and the
+        # group types; the ready groups' order, the exceptions to those types, RNG and stats are restored
+        for item in state["items"]:
+            self._push(self._seq, item)
+            self._seq += 1
+        seqs = list(self._buffer)
+
+        def group(position: int, relation: int) -> str:
+            return list(self._item_groups[seqs[position]])[relation]
+
+        for position, relation, rtype in state["group_types"]:
+            self._group_type[group(position, relation)] = rtype
+            self._mixed.add(group(position, relation))
+        self._ready = _ReadyGroups()
+        for rtype, names in state["ready"].items():
+            for position, relation in names:
+                self._ready.add(rtype, group(position, relation))
+        self._rng.setstate(state["rng"])
+        self.stats = dict(state["stats"])
 
     def _consume(self, seq: int) -> Any:
         item = self._buffer.pop(seq)
@@ -179,6 +235,7 @@ class RelationGroupingSampler:
                 self._ready.remove(self._group_type[group], group)
             if not members:
                 del self._members[group], self._group_type[group]
+                self._mixed.discard(group)
         return item
 
     def _pick_type(self, taken: dict[str, int]) -> str | None:

@@ -16,10 +16,13 @@ from data_prep.synthetic import build as build_synthetic
 from data_prep.train_tokenizer import build_tokenizer
 from rcml.batch import clip_mode_text, group_id
 from rcml.config import DataConfig
-from rcml.data import _mix, build_loader, iter_samples
+import rcml.data
+from rcml.data import build_loader, iter_samples
+from rcml.data_state import LoaderPosition
 from rcml.preprocess import CLIP_MEAN, CLIP_STD, ImageTransform
 from rcml.decode import BadSampleError
 from rcml.sampler import SELF_TEXT
+from rcml.stream import Mix
 from rcml.tokenizer import TextTokenizer
 from tests.shard_samples import bad_sample, good_members, pickled_sample, write_tar
 
@@ -41,6 +44,23 @@ def data(tmp_path_factory):
 def batches(cfg, tok, **kw):
     kw = {"mode": "rcml", "rank": 0, "world_size": 1, "seed": 0} | kw
     return list(build_loader(cfg, tok, **kw))
+
+
+def position_after(cfg, consumed):
+    """The trainer's data position after ``consumed`` batches, through a weights_only save and load."""
+    position = LoaderPosition.start(cfg)
+    for b in consumed:
+        position.consumed(b)
+    return LoaderPosition.from_state_dict(position.state_dict())
+
+
+@pytest.fixture
+def no_replay(monkeypatch):
+    """Resuming must restore the workers' saved states, never fall back to replaying the epoch."""
+    def replay(*args):
+        raise AssertionError("the loader replayed the epoch instead of restoring the reader states")
+
+    monkeypatch.setattr(rcml.data, "_replay", replay)  # DataLoader workers are forked: they inherit it
 
 
 def test_batch_contract(data):
@@ -164,16 +184,17 @@ def test_ranks_and_workers_split_the_epoch(data):
     assert other_epoch[:20] != seen[:20]  # shards are reshuffled per epoch
 
 
-def test_resume_is_exact_with_two_workers(data):
-    """n straight batches == batches[:k] + resumed loader from k, for k anywhere in the epoch, including
-    after one worker ran dry (5 shards over 2 workers: 3 vs 2) and past the end."""
+def test_resume_is_exact_with_two_workers(data, no_replay):
+    """n straight batches == batches[:k] + a loader resumed from the reader states of those k, for k
+    anywhere in the epoch, including after one worker ran dry (5 shards over 2 workers: 3 vs 2) and at
+    the end; no worker replays the epoch."""
     cfg, tok = data["cfg"], data["tok"]
     full = batches(cfg, tok, seed=2, epoch=3)
     counts = Counter(b.worker for b in full)
     assert counts[0] != counts[1]  # the tail of the epoch comes from one worker only
     n = len(full)
-    for k in (1, 2, 7, n - 3, n - 1, n, n + 2):
-        resumed = batches(cfg, tok, seed=2, epoch=3, start_batch=k)
+    for k in (1, 2, 7, n - 3, n - 1, n):
+        resumed = batches(cfg, tok, seed=2, epoch=3, position=position_after(cfg, full[:k]))
         assert [b.keys for b in resumed] == [b.keys for b in full[k:]], k
         assert [(b.worker, b.index) for b in resumed] == [(b.worker, b.index) for b in full[k:]]
         if resumed:  # pixels too: the random crops are seeded per (worker, batch index)
@@ -188,19 +209,19 @@ def test_too_many_readers_is_an_upfront_error(data):
     build_loader(replace(cfg, resampled=True), data["tok"], mode="rcml", rank=0, world_size=3, seed=0)
 
 
-def test_resampled_mode_is_endless_deterministic_and_resumable(data):
+def test_resampled_mode_is_endless_deterministic_and_resumable(data, no_replay):
     cfg = replace(data["cfg"], resampled=True, workers=2)
     tok = data["tok"]
 
     def take(n, **kw):
         it = iter(build_loader(cfg, tok, mode="rcml", rank=1, world_size=3, seed=5, **kw))
-        return [next(it).keys for _ in range(n)]
+        return [next(it) for _ in range(n)]
 
     n = 24  # 288 rows > the 290 items / 3 ranks an epoch would give this rank
     ref = take(n)
-    assert ref == take(n)
-    assert take(n - 9, start_batch=9) == ref[9:]
-    assert len(Counter(k for keys in ref for k in keys)) < n * 12  # drawn with replacement
+    assert [b.keys for b in ref] == [b.keys for b in take(n)]
+    assert [b.keys for b in take(n - 9, position=position_after(cfg, ref[:9]))] == [b.keys for b in ref[9:]]
+    assert len(Counter(k for b in ref for k in b.keys)) < n * 12  # drawn with replacement
 
 
 def test_weighted_sources(data, tmp_path):
@@ -214,7 +235,7 @@ def test_weighted_sources(data, tmp_path):
         build_loader(replace(data["cfg"], weights="1::3"), data["tok"], mode="rcml", rank=0, world_size=1, seed=0)
     # the seeded interleave follows the weights until a source runs out
     rng = random.Random(0)
-    mixed = list(_mix([iter(["a"] * 400), iter(["b"] * 400)], [1.0, 3.0], rng))
+    mixed = list(Mix([iter(["a"] * 400), iter(["b"] * 400)], [1.0, 3.0], rng))
     assert Counter(mixed) == {"a": 400, "b": 400}
     assert 0.2 < mixed[:200].count("a") / 200 < 0.3
 

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from rcml.config import RunConfig, save_config
+from rcml.data_state import LoaderPosition
 from rcml.train import checkpoint, run_dir
 from rcml.train.distributed import (WorldInfo, all_reduce_max, init_distributed, long_phase, set_collective_timeout,
                                     sum_counters)
@@ -132,6 +133,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
+        self.data_position = LoaderPosition.start(cfg.data)  # the consumed batches' reader states (exact resume)
         self.skipped: dict[str, int] = {}
         self.nonfinite_total = 0
         self.mlflow_run_id = ""
@@ -173,6 +175,7 @@ class Trainer:
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.data_position = LoaderPosition.load(state.get("data_position"), self.cfg.data, self.batch_in_epoch)
         self.skipped = {k: int(v) for k, v in state["skipped"].items()}
         self.nonfinite_total = int(state["nonfinite_total"])
         self.mlflow_run_id = state.get("mlflow_run_id", "")
@@ -186,7 +189,7 @@ class Trainer:
         lo = self.cfg.loss
         return build_loader(self.cfg.data, self.tokenizer, mode=self.cfg.model.mode, rank=self.world.rank,
                             world_size=self.world.world_size, seed=self.cfg.seed, epoch=self.epoch,
-                            start_batch=self.batch_in_epoch,
+                            position=self.data_position,
                             cond_candidates=lo.cond_candidates if lo.w_cond > 0 else 0)
 
     def _batches(self):
@@ -196,12 +199,14 @@ class Trainer:
             for batch in self._loader():
                 produced += 1
                 self.batch_in_epoch += 1
+                self.data_position.consumed(batch)
                 yield batch
             if produced == 0 and self.batch_in_epoch == 0:
                 raise RuntimeError(f"rank {self.world.rank}: epoch {self.epoch} of {self.cfg.data.train} "
                                    "produced no batch (no shards or no valid sample for this rank)")
             self.epoch += 1
             self.batch_in_epoch = 0
+            self.data_position = LoaderPosition.start(self.cfg.data)
 
     # ------------------------------------------------------------------ step
     def _forward_loss(self, batch) -> dict[str, torch.Tensor]:
@@ -381,7 +386,7 @@ class Trainer:
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                  "skipped": dict(self.skipped), "nonfinite_total": self.nonfinite_total,
                  "rng": checkpoint.rng_state(), "world_size": self.world.world_size,
-                 "mlflow_run_id": self.mlflow_run_id}
+                 "mlflow_run_id": self.mlflow_run_id, "data_position": self.data_position.state_dict()}
         extra = {"run_config.yaml": (self.out_dir / "run_config.yaml").read_text() if self.world.is_main else "",
                  "ds_config.json": json.dumps(self.ds, indent=2)}
         checkpoint.save(self.engine, self.ckpt_dir, self.step, state, extra, self.cfg.train.keep_checkpoints,
