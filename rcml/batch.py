@@ -65,7 +65,9 @@ def batch_stats(row_groups: list[str], row_types: list[str], item_groups: list[s
 
 @dataclass
 class Batch:
-    images: torch.Tensor          # float [I, 3, S, S], normalized
+    # uint8 [I, 3, S, S] cropped and resized pixels from the loader (RCMLModel normalizes them on its device),
+    # or float [I, 3, S, S] already normalized (rcml.preprocess.ImageTransform)
+    images: torch.Tensor
     text_ids: torch.Tensor        # long [I, L]  (clip mode: caption + relation text, I == B)
     text_mask: torch.Tensor       # bool [I, L]  True = real token
     relation_ids: torch.Tensor    # long [R, L]

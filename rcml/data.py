@@ -7,7 +7,8 @@ One logical DataLoader worker runs this pipeline (``rcml.stream.WorkerStream``):
                   -> safe tar read + light decode (rcml.decode) -> optional sample shuffle
       seeded weighted mix of the sources
       -> RelationGroupingSampler (rcml.sampler): P groups x K rows
-      -> heavy stage: pixel decode + crop/resize + normalize, tokenization, collate -> Batch
+      -> heavy stage: pixel decode + crop/resize (uint8; the model normalizes on its device),
+                      tokenization, collate -> Batch
 
 The stream of a logical worker is a pure function of (seed, epoch, rank, worker). A DataLoader with W
 workers yields their batches round-robin (round r: worker 0, 1, ..., W-1, skipping workers that have
@@ -42,7 +43,7 @@ from rcml.conditioned import conditioned_rows
 from rcml.config import MODES, DataConfig
 from rcml.data_state import LoaderPosition
 from rcml.decode import SkipCounter, iter_items, load_image
-from rcml.preprocess import ImageTransform, normalize
+from rcml.preprocess import ImageTransform, channels_first
 from rcml.sampler import Row
 from rcml.seeding import stream_seed
 from rcml.shard_manifest import check_manifest, resolve_pattern
@@ -230,6 +231,8 @@ class GroupedStream(torch.utils.data.IterableDataset):
         L = cfg.context_length
         text_ids, text_mask, text_cut = self.tokenizer.encode_counting(texts, L)  # [I, L]
         relation_ids, relation_mask, relation_cut = self.encode_relations(list(rel_index))  # [R, L]
+        check_tokens(self.tokenizer, text_ids, text_mask, [row.item.key for row in kept], "caption")
+        check_tokens(self.tokenizer, relation_ids, relation_mask, list(rel_index), "relation text")
         # what the context length cut: the texts the model reads (clip mode: caption + relation) and, of
         # those, the rows whose relation wording itself lost tokens (clip: it comes last, so it is cut first)
         if plan.mode == "clip":
@@ -251,7 +254,7 @@ class GroupedStream(torch.utils.data.IterableDataset):
                     zip(("cond_item", "cond_relation", "cond_slice", "cond_member"), rows_c,
                         (torch.long, torch.long, torch.long, torch.bool))}
         return Batch(
-            images=normalize(torch.from_numpy(np.stack(pixels))),              # [I, 3, S, S]
+            images=channels_first(torch.from_numpy(np.stack(pixels))),         # uint8 [I, 3, S, S]
             text_ids=text_ids, text_mask=text_mask, relation_ids=relation_ids, relation_mask=relation_mask,
             row_item=torch.arange(n), row_relation=torch.tensor(row_relation, dtype=torch.long),
             group_ids=torch.tensor([group_id(g) for g in row_groups], dtype=torch.int64),
@@ -262,11 +265,25 @@ class GroupedStream(torch.utils.data.IterableDataset):
             stats=batch_stats(row_groups, [row.type for row in kept], item_groups) | truncation, **cond)
 
 
+def check_tokens(tokenizer, ids: torch.Tensor, mask: torch.Tensor, names: list[str], what: str) -> None:
+    """What the model assumes of token rows [n, L], checked where they are made (on the CPU of a loader
+    worker) rather than on the device in every step: ids inside the vocabulary, and an eos in every row,
+    inside its mask (the text tower pools there). ``names``: row -> sample key or text, for the message."""
+    bad_id = (ids < 0) | (ids >= tokenizer.vocab_size)
+    no_eos = ~((ids == tokenizer.eos_id) & mask).any(1)
+    bad = (bad_id.any(1) | no_eos).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"the tokenizer made {what} rows the model cannot read (an id outside the vocabulary of "
+                         f"{tokenizer.vocab_size}, or no eos id {tokenizer.eos_id} inside the mask): "
+                         f"{[names[i] for i in bad[:5]]}; check data.tokenizer")
+
+
 class _Wire:
     """How a Batch leaves a DataLoader worker: unpickled in the main process as the Batch itself.
 
     torch sends every tensor through its own shared-memory segment (~0.1 ms per tensor on each side);
-    the pixels go that way, the small index and token tensors are pickled by value as numpy arrays.
+    the pixels go that way (uint8: a quarter of the bytes of float pixels), the small index and token
+    tensors are pickled by value as numpy arrays.
     """
 
     __slots__ = ("batch",)
@@ -358,6 +375,9 @@ def build_loader(cfg: DataConfig, tokenizer, *, mode: str, rank: int, world_size
             log.info("rank %d: the loader resumes epoch %d at batch %d by replaying the epoch so far: %s", rank,
                      epoch, resume.batches, reason)
     dataset = GroupedStream(plan, tokenizer, workers, resume)
+    # Not persistent_workers: the trainer builds one DataLoader per epoch (the epoch and the resume position
+    # are its dataset's arguments), and workers kept alive would iterate their start-up copy of the dataset
+    # again, with the old epoch's shard order and resume state.
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=cfg.workers,
                                        pin_memory=torch.cuda.is_available(),
                                        prefetch_factor=4 if cfg.workers > 0 else None,

@@ -14,8 +14,9 @@ positive of row i, not a negative; the memberships are gathered with the group i
 largest width of any rank.
 
 Distribution is OpenCLIP's "local loss + gather with grad": each rank scores its own rows against the
-gathered columns (kernels.distributed.all_gather_rows, whose backward reduce-scatters the column
-gradients to their owners) and scales its partial sums by W, so that for W ranks:
+gathered columns and scales its partial sums by W. One all-gather (``kernels.distributed.RowGather``)
+brings every rank's [u | t] rows, memberships and row count; its backward is one reduce-scatter that
+sends the column gradients to their owners. For W ranks:
 
 - the mean over ranks of each returned value is the global value (loss and each of the four terms);
 - the gradient of rank r's own rows is W x dL/d(those rows), and the mean over ranks of the
@@ -31,8 +32,7 @@ from __future__ import annotations
 import torch
 
 from kernels.contrastive import multi_positive_pair_loss, multi_positive_row_loss, resolve_impl
-from kernels.contrastive_torch import dense_groups
-from kernels.distributed import all_gather_rows, all_gather_rows_nograd, gather_row_shapes
+from kernels.distributed import RowGather
 
 TERMS = ("it", "ti", "ii", "tt")
 
@@ -57,12 +57,23 @@ def _check(image_emb: torch.Tensor, text_emb: torch.Tensor, group_ids: torch.Ten
                          f"{text_emb.device}, {group_ids.device}")
 
 
-def _rows_with_intra_positive(all_groups: torch.Tensor, all_members: torch.Tensor) -> torch.Tensor:
-    """N': rows whose group has another member anywhere in the world. 0-d int64 tensor (no host sync)."""
-    row_inv, member_inv, num_groups = dense_groups(all_groups, all_members)
-    members_of_group = torch.bincount(member_inv.flatten(), minlength=num_groups)  # [G]
-    own = (member_inv == row_inv[:, None]).any(1)  # a row is a member of its own group (counted once)
-    return (members_of_group[row_inv] - own.long() > 0).sum()
+def _rows_with_intra_positive(all_members: torch.Tensor) -> torch.Tensor:
+    """N': rows whose group has another member anywhere in the world. ``all_members`` [N, M]: every
+    row's groups, its own group in column 0. 0-d int64 tensor, computed without a host sync (dense ids
+    by sorting; ``torch.unique``'s data-dependent output size would wait for the device)."""
+    n, m = all_members.shape
+    flat = all_members.flatten()
+    ordered, order = flat.sort()
+    starts = torch.ones_like(ordered, dtype=torch.bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    dense = torch.empty_like(flat)
+    dense[order] = starts.cumsum(0) - 1
+    dense = dense.view(n, m)
+    first = torch.ones_like(dense, dtype=torch.bool)  # a group repeated within a row (padding) counts once
+    for j in range(1, m):
+        first[:, j] = (dense[:, j : j + 1] != dense[:, :j]).all(1)
+    members_of_group = torch.zeros_like(flat).index_add_(0, dense.flatten(), first.flatten().long())  # [N * M]
+    return (members_of_group[dense[:, 0]] > 1).sum()  # the row itself is one member of its own group
 
 
 def _with_own_group(group_ids: torch.Tensor, member_groups: torch.Tensor | None) -> torch.Tensor:
@@ -83,6 +94,7 @@ def relation_contrastive_loss(
     member_groups: torch.Tensor | None = None,
     impl: str = "auto",
     group=None,
+    gather: RowGather | None = None,
 ) -> dict[str, torch.Tensor]:
     """This rank's share of the RCML loss (see the module docstring for the world semantics).
 
@@ -90,7 +102,9 @@ def relation_contrastive_loss(
     member_groups: int64 [b, M], every group of each row's item (``Batch.member_groups``; padded by
     repeating a group; None: each item is only in the group it was drawn for);
     logit_scale: the exp'd scale (0-d tensor, usually a parameter). ``group``: process group
-    (default: the world, when torch.distributed is initialized). ``impl``: see kernels.contrastive.
+    (default: the world, when torch.distributed is initialized). ``gather``: a ``RowGather`` kept across
+    calls (it remembers the padded capacity, so that each call is one all-gather; default: a new one on
+    ``group``, two all-gathers). ``impl``: see kernels.contrastive.
 
     Returns {"loss", "it", "ti", "ii", "tt"}, fp32 0-d tensors (fp64 for fp64 embeddings). A term whose
     weight is 0 is not computed and is reported as 0.
@@ -103,36 +117,34 @@ def relation_contrastive_loss(
     dtype = torch.promote_types(torch.float32, image_emb.dtype)  # fp32 (fp64 when checking against an oracle)
     scale = torch.as_tensor(logit_scale, device=device).to(dtype).reshape(())
 
-    members = _with_own_group(group_ids, member_groups)  # [b, M]
-    counts, width = gather_row_shapes(members.shape[0], members.shape[1], device, group)
-    if members.shape[1] < width:  # pad by repeating the own group: repeats count once
-        members = torch.cat([members, members[:, :1].expand(-1, width - members.shape[1])], 1)
-    world, num_rows = len(counts), sum(counts)
+    members = _with_own_group(group_ids, member_groups)  # [b, M], column 0: the row's own group
+    gather = gather if gather is not None else RowGather(group)
+    # one collective: [u | t] rows (differentiable), memberships and the row count of every rank
+    rows = gather(torch.cat([image_emb, text_emb], 1), members)
+    world, num_rows, offset = len(rows.counts), sum(rows.counts), rows.offset
     if num_rows == 0:
         raise ValueError("relation_contrastive_loss: the batch has no rows on any rank")
+    dim = image_emb.shape[1]
+    u_all, t_all = rows.values[:, :dim].contiguous(), rows.values[:, dim:].contiguous()  # [N, D] each
+    all_members = rows.labels  # [N, M]: the widest rank's width, narrower rows padded by repeats
     zero = torch.zeros((), dtype=dtype, device=device)
     terms = dict.fromkeys(TERMS, zero)
 
     if world == 1:
-        all_groups, all_members, offset, u_all, t_all = group_ids, members, 0, image_emb, text_emb
+        u_all, t_all = image_emb, text_emb
         if w_inter > 0:
             it_rows, ti_rows, _ = multi_positive_pair_loss(image_emb, text_emb, group_ids, scale, members=members,
                                                            impl=impl)
             terms["it"], terms["ti"] = it_rows.sum() / num_rows, ti_rows.sum() / num_rows
-    else:
-        all_groups, offset = all_gather_rows_nograd(group_ids, group=group, counts=counts)
-        all_members, _ = all_gather_rows_nograd(members, group=group, counts=counts)  # [N, M]
-        u_all, _ = all_gather_rows(image_emb, group=group, counts=counts)  # [N, D]
-        t_all, _ = all_gather_rows(text_emb, group=group, counts=counts)  # [N, D]
-        if w_inter > 0:
-            # Local rows against all columns; x W so that the mean over ranks is the global mean.
-            it_rows, _ = multi_positive_row_loss(image_emb, t_all, group_ids, all_members, scale, impl=impl)
-            ti_rows, _ = multi_positive_row_loss(text_emb, u_all, group_ids, all_members, scale, impl=impl)
-            terms["it"], terms["ti"] = it_rows.sum() * (world / num_rows), ti_rows.sum() * (world / num_rows)
+    elif w_inter > 0:
+        # Local rows against all columns; x W so that the mean over ranks is the global mean.
+        it_rows, _ = multi_positive_row_loss(image_emb, t_all, group_ids, all_members, scale, impl=impl)
+        ti_rows, _ = multi_positive_row_loss(text_emb, u_all, group_ids, all_members, scale, impl=impl)
+        terms["it"], terms["ti"] = it_rows.sum() * (world / num_rows), ti_rows.sum() * (world / num_rows)
 
     if w_intra > 0:
         # Rows without an intra-modal positive have row loss 0, so summing all rows sums over |P(i)| > 1.
-        n_intra = _rows_with_intra_positive(all_groups, all_members).clamp(min=1).to(dtype)
+        n_intra = _rows_with_intra_positive(all_members).clamp(min=1).to(dtype)
         ii_rows, _ = multi_positive_row_loss(image_emb, u_all, group_ids, all_members, scale, self_offset=offset,
                                              impl=impl)
         tt_rows, _ = multi_positive_row_loss(text_emb, t_all, group_ids, all_members, scale, self_offset=offset,

@@ -51,6 +51,7 @@ from rcml.batch import Batch
 from rcml.config import MIXES, MODES, ModelConfig
 from rcml.model_pooling import ItemFeatures, RelationPooling
 from rcml.model_size import load_size
+from rcml.preprocess import normalize_pixels
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,12 @@ class RCMLModel(nn.Module):
 
     # ------------------------------------------------------------------ towers
     def image_features(self, images: torch.Tensor) -> ItemFeatures:
-        """images [I, 3, S, S] -> ItemFeatures (global [I, D]; keys/values over CLS + patch tokens)."""
+        """images [I, 3, S, S] -> ItemFeatures (global [I, D]; keys/values over CLS + patch tokens).
+
+        ``images``: normalized float pixels (``rcml.preprocess.ImageTransform``), or uint8 pixels as the
+        loader ships them, which are normalized here, on their device, into the vision tower's dtype."""
+        if images.dtype == torch.uint8:
+            images = normalize_pixels(images, self.vision.embeddings.patch_embedding.weight.dtype)
         out = self.vision(pixel_values=images)
         global_emb = self.visual_projection(out.pooler_output)  # [I, D] post-layernorm CLS
         if not self.uses_pooling:
@@ -118,22 +124,27 @@ class RCMLModel(nn.Module):
 
     def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> ItemFeatures:
         """ids, mask [I, L] -> ItemFeatures (global [I, D] at the eos; keys/values over the real tokens)."""
-        global_emb, hidden = self._text_tower(ids, mask)
+        return self._text_features(ids, mask)
+
+    def _text_features(self, ids: torch.Tensor, mask: torch.Tensor, check: bool = True) -> ItemFeatures:
+        global_emb, hidden = self._text_tower(ids, mask, check)
         if not self.uses_pooling:
             return ItemFeatures(global_emb)
         keys, values = self.text_pool.keys_values(hidden)
         return ItemFeatures(global_emb, keys, values, mask.bool())
 
-    def _text_tower(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _text_tower(self, ids: torch.Tensor, mask: torch.Tensor, check: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (projected eos embedding [N, D], token states [N, L, W]).
 
         Pools at the first eos itself: CLIPTextModel's pooler_output takes the arg-max token id instead
-        whenever eos_token_id == 2 (a legacy rule), which is exactly our tokenizer's eos id.
+        whenever eos_token_id == 2 (a legacy rule), which is exactly our tokenizer's eos id. ``check``:
+        raise on a row without an eos (one host sync; ``forward`` skips it, the loader checks its batches).
         """
         if ids.shape != mask.shape or ids.dim() != 2:
             raise ValueError(f"text ids and mask must both be [N, L], got {tuple(ids.shape)} and {tuple(mask.shape)}")
         is_eos = ids == self.eos_id  # [N, L]
-        if ids.shape[0] and not bool(is_eos.any(1).all()):
+        if check and ids.shape[0] and not bool(is_eos.any(1).all()):
             bad = (~is_eos.any(1)).nonzero().flatten()[:5].tolist()
             raise ValueError(f"text rows {bad} have no eos token (id {self.eos_id}); encode texts with "
                              "rcml.tokenizer.TextTokenizer.encode, which always ends a text with eos")
@@ -190,20 +201,23 @@ class RCMLModel(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """-> {"image_emb" [B, D], "text_emb" [B, D] (unit norm, fp32 or wider), "logit_scale" (exp'd, 0-d fp32)},
-        plus "cond_image_emb" / "cond_text_emb" [C, D] when the batch carries conditioned rows."""
+        plus "cond_image_emb" / "cond_text_emb" [C, D] when the batch carries conditioned rows.
+
+        The training entry: its texts are not checked for an eos here (no host sync per step); the loader
+        checks the token rows of every batch it makes (``rcml.data.check_tokens``)."""
         relation_emb = None
         if self.uses_pooling and batch.relation_ids.shape[1] == batch.text_ids.shape[1]:
             # Captions and relation texts in one text-tower call: one parameter gather under ZeRO-3, not two.
             n = batch.text_ids.shape[0]
             global_emb, hidden = self._text_tower(torch.cat([batch.text_ids, batch.relation_ids]),
-                                                  torch.cat([batch.text_mask, batch.relation_mask]))
+                                                  torch.cat([batch.text_mask, batch.relation_mask]), check=False)
             relation_emb = global_emb[n:]
             keys, values = self.text_pool.keys_values(hidden[:n])
             text = ItemFeatures(global_emb[:n], keys, values, batch.text_mask.bool())
         else:
             if self.uses_pooling:
-                relation_emb = self.encode_relations(batch.relation_ids, batch.relation_mask)
-            text = self.text_features(batch.text_ids, batch.text_mask)
+                relation_emb = self._text_tower(batch.relation_ids, batch.relation_mask, check=False)[0]
+            text = self._text_features(batch.text_ids, batch.text_mask, check=False)
         image = self.image_features(batch.images)
         out = {"image_emb": self.pool_images(image, relation_emb, batch.row_item, batch.row_relation),
                "text_emb": self.pool_texts(text, relation_emb, batch.row_item, batch.row_relation),

@@ -55,10 +55,20 @@ _SCALE = (1.0 / (255.0 * torch.tensor(CLIP_STD, dtype=torch.float64))).float().v
 _BIAS = (-torch.tensor(CLIP_MEAN, dtype=torch.float64) / torch.tensor(CLIP_STD, dtype=torch.float64)).float().view(1, 3, 1, 1)
 
 
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, S, S, 3] -> float [N, 3, S, S], (x / 255 - mean) / std with CLIP's mean/std.
+def channels_first(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, S, S, 3] (as PIL gives them) -> uint8 [N, 3, S, S], still uint8: a quarter of the bytes
+    of float pixels to move (the loader's batches carry these through shared memory to the device)."""
+    return pixels.permute(0, 3, 1, 2).contiguous()
 
-    Channels-first while still uint8 (a quarter of the bytes to move), then one fused scale + shift.
-    """
-    x = pixels.permute(0, 3, 1, 2).contiguous().float()
-    return x.mul_(_SCALE).add_(_BIAS)
+
+def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> ``dtype`` [N, 3, S, S], (x / 255 - mean) / std with CLIP's mean/std, computed
+    in fp32 on the pixels' device (one fused scale + shift), then cast."""
+    x = pixels.float()
+    x = x.mul_(_SCALE.to(x.device)).add_(_BIAS.to(x.device))
+    return x if dtype == torch.float32 else x.to(dtype)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, S, S, 3] -> float [N, 3, S, S]: ``normalize_pixels(channels_first(pixels))``."""
+    return normalize_pixels(channels_first(pixels))

@@ -63,9 +63,13 @@ def overrides_list(data: dict[str, str], out_dir: Path, **extra: str) -> list[st
     return [f"{k}={v}" for k, v in merged.items()]
 
 
+# launch/pretrain.py with the fault-injection points of rcml/train/faults.py set from its own options
+FAULTY = "tests/scripts/faulty_pretrain.py"
+
+
 def deepspeed_cmd(port: int, ds_config: str, overrides: list[str], nproc: int = 2,
-                  extra_args: tuple[str, ...] = ()) -> list[str]:
-    return [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), "launch/pretrain.py",
+                  extra_args: tuple[str, ...] = (), script: str = "launch/pretrain.py") -> list[str]:
+    return [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(port), script,
             "--ds_config", ds_config, *extra_args, *overrides]
 
 

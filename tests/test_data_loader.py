@@ -19,7 +19,7 @@ from rcml.config import DataConfig
 import rcml.data
 from rcml.data import build_loader, iter_samples
 from rcml.data_state import LoaderPosition
-from rcml.preprocess import CLIP_MEAN, CLIP_STD, ImageTransform
+from rcml.preprocess import CLIP_MEAN, CLIP_STD, ImageTransform, normalize_pixels
 from rcml.decode import BadSampleError
 from rcml.sampler import SELF_TEXT
 from rcml.stream import Mix
@@ -70,7 +70,8 @@ def test_batch_contract(data):
     b = out[0]
     n, L, S = b.num_rows, cfg.context_length, cfg.image_size
     assert n == cfg.groups_per_batch * cfg.members_per_group
-    assert b.images.shape == (n, 3, S, S) and b.images.dtype == torch.float32
+    # uint8 pixels, channels first: a quarter of the bytes of float pixels through the workers' shared memory
+    assert b.images.shape == (n, 3, S, S) and b.images.dtype == torch.uint8
     assert b.text_ids.shape == (n, L) and b.text_ids.dtype == torch.long and b.text_mask.dtype == torch.bool
     assert b.relation_ids.shape == b.relation_mask.shape and b.relation_ids.shape[1] == L
     assert torch.equal(b.row_item, torch.arange(n)) and b.group_ids.dtype == torch.int64
@@ -94,11 +95,31 @@ def test_batch_contract(data):
             assert set(members) == {group_id(r["group"]) for r in rels if r["type"] != "self"} | {members[0]}
         assert batch.member_groups.dtype == torch.int64 and batch.member_groups.shape[0] == batch.num_rows
     assert max(b.member_groups.shape[1] for b in out) > 1  # items in several groups exist in this data
-    # pixels: eval transform of a 48 px square image = bicubic resize to 32, then CLIP normalization
+    # pixels: eval transform of a 48 px square image = bicubic resize to 32; CLIP normalization on the device
     i, key = 5, out[1].keys[5]
-    ref = np.asarray(samples[key]["image"].resize((S, S), Image.Resampling.BICUBIC), dtype=np.float64) / 255.0
-    ref = (ref - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
-    assert np.allclose(out[1].images[i].permute(1, 2, 0).double().numpy(), ref, atol=1e-5)
+    resized = np.asarray(samples[key]["image"].resize((S, S), Image.Resampling.BICUBIC))
+    assert np.array_equal(out[1].images[i].permute(1, 2, 0).numpy(), resized)
+    ref = (resized.astype(np.float64) / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    normalized = normalize_pixels(out[1].images[i : i + 1])[0]
+    assert np.allclose(normalized.permute(1, 2, 0).double().numpy(), ref, atol=1e-5)
+
+
+def test_token_rows_are_checked_where_they_are_made(data):
+    """The loader refuses token rows the model cannot read (the model's forward no longer checks them on
+    the device): an id outside the vocabulary, or no eos inside the mask, named by sample key."""
+    from rcml.data import check_tokens
+
+    tok = data["tok"]
+    ids, mask = tok.encode(["a red circle", "a blue star", "a green square"], 12)
+    check_tokens(tok, ids, mask, ["k0", "k1", "k2"], "caption")
+    no_eos, outside = ids.clone(), ids.clone()
+    no_eos[1][no_eos[1] == tok.eos_id] = tok.pad_id
+    outside[2, 1] = tok.vocab_size
+    cut_mask = mask.clone()
+    cut_mask[0, mask[0].sum() - 1] = False  # the eos is there but outside the mask
+    for bad_ids, bad_mask, key in ((no_eos, mask, "k1"), (outside, mask, "k2"), (ids, cut_mask, "k0")):
+        with pytest.raises(ValueError, match=rf"caption rows the model cannot read .*\['{key}'\]"):
+            check_tokens(tok, bad_ids, bad_mask, ["k0", "k1", "k2"], "caption")
 
 
 def test_clip_mode_joins_relation_text(data):
@@ -156,7 +177,7 @@ def test_conditioned_rows_in_batches_follow_full_membership(data):
 
 def test_batch_stats_hand_computed_and_in_every_batch(data):
     from rcml.batch import batch_stats
-    from rcml.train.trainer import batch_metrics
+    from rcml.train.metrics import batch_metrics
 
     # rows: 0, 1 drawn for colour:red; 2 for shape:star (but also red); 3 a singleton sharing nothing
     stats = batch_stats(["colour:red", "colour:red", "shape:star", "self:x"], ["colour", "colour", "shape", "self"],

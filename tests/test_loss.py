@@ -102,7 +102,7 @@ def test_loss_positives_setting_selects_the_positive_sets():
     """loss.positives: membership (the batch's memberships), group (drawn-for group only) or item (own item
     only, unique over ranks and sources via the item's (shard url, key) identity)."""
     from rcml.batch import Batch, item_identity
-    from rcml.train.trainer import positive_groups
+    from rcml.train.step import positive_groups
 
     g = torch.tensor([5, 5, 7], dtype=torch.int64)
     members = torch.tensor([[5, 7], [5, 5], [7, 5]], dtype=torch.int64)

@@ -86,6 +86,69 @@ def _run_gather(rank):
             "ids_all": ids_all, "ids_offset": ids_offset}
 
 
+COLLECTIVES = ("all_gather", "all_gather_single", "all_gather_into_tensor", "all_gather_object", "all_reduce",
+               "reduce_scatter_single", "reduce_scatter_tensor", "broadcast", "all_to_all_single", "barrier")
+
+
+def _count_collectives(fn):
+    """-> (fn(), {collective: calls}) with every torch.distributed collective wrapped by a counter."""
+    counts, originals = {}, {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return originals[name](*args, **kwargs)
+        return call
+
+    for name in COLLECTIVES:
+        setattr(dist, name, counting(name))
+    try:
+        return fn(), counts
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
+def _run_sync_counts(rank):
+    """Collectives of one loss forward + backward: a RowGather kept across calls needs one all-gather
+    forward (embeddings, memberships and row counts together) and one reduce-scatter backward."""
+    from kernels.distributed import RowGather
+    from rcml.loss import relation_contrastive_loss
+
+    counts = (6, 9)
+    u, t, g, s = make_batch(sum(counts), D, [4, 3, 5, 1, 2], dtype=torch.float32, seed=11)
+    members = pad_members(_own(make_members(g, seed=11, max_extra=1 + 2 * rank), counts, rank), _own(g, counts, rank))
+    gather = RowGather()
+
+    def step():
+        u_r, t_r = _own(u, counts, rank).clone().requires_grad_(), _own(t, counts, rank).clone().requires_grad_()
+        out = relation_contrastive_loss(u_r, t_r, _own(g, counts, rank), s, member_groups=members, gather=gather)
+        out["loss"].backward()
+        return out["loss"].detach(), u_r.grad
+
+    (first, _), first_calls = _count_collectives(step)  # the capacity is learnt: header, then rows
+    (warm, grad), warm_calls = _count_collectives(step)
+    return {"first": first_calls, "warm": warm_calls, "same": bool(torch.equal(first, warm)), "grad": grad}
+
+
+def _run_row_gather(rank):
+    """Ragged label widths, growing capacity, int64 labels whose bits are not valid floats, bf16 rows."""
+    from kernels.distributed import RowGather
+
+    gather, results = RowGather(), []
+    extremes = torch.tensor([-2**63, 2**63 - 1, -1, 0x7FC00001_7FC00001, 0x7F800000_FF800000], dtype=torch.int64)
+    for call, (rows, width, dtype) in enumerate([((3, 5), (2, 1), torch.float32), ((2, 7), (1, 4), torch.float32),
+                                                 ((4, 0), (3, 6), torch.bfloat16), ((1, 1), (1, 1), torch.float64)]):
+        gen = torch.Generator().manual_seed(call)
+        values = [torch.randn(rows[r], 6, generator=gen).to(dtype) for r in range(WORLD)]
+        labels = [torch.randint(-2**62, 2**62, (rows[r], width[r]), generator=gen) for r in range(WORLD)]
+        labels[0][:, 0] = extremes[: rows[0]].repeat(2)[: rows[0]] if rows[0] else labels[0][:, 0]
+        got, calls = _count_collectives(lambda: gather(values[rank], labels[rank]))
+        results.append({"values": got.values, "labels": got.labels, "counts": got.counts, "offset": got.offset,
+                        "calls": calls, "sent_values": values, "sent_labels": labels})
+    return results
+
+
 def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -94,6 +157,8 @@ def _worker(rank, port, out_dir):
         results = {name: _run_scenario(rank, name, *spec, seed=i) for i, (name, spec) in enumerate(SCENARIOS.items())}
         results["clip"] = _run_clip(rank)
         results["gather"] = _run_gather(rank)
+        results["sync_counts"] = _run_sync_counts(rank)
+        results["row_gather"] = _run_row_gather(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # no rank tears gloo down while its peer is still inside a collective
     finally:
@@ -167,3 +232,35 @@ def test_all_gather_rows_variable_counts_and_reduce_scatter_backward(rank_result
         # d/dx_r of sum_q <x_all, weights_q>: the sum over ranks of their weights on rank r's rows.
         _close(res["grad"], _own(weights.sum(0), counts, r), 1e-14, f"rank {r} grad")
         assert res["ids_all"].tolist() == [0, 1, 2, 100, 101, 102, 103, 104]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_the_loss_communicates_once_each_way(rank_results):
+    """One all-gather forward and one reduce-scatter backward per loss call once the RowGather knows its
+    capacity (before: row counts, group ids, memberships, image rows and text rows were five all-gathers,
+    and the backward two reduce-scatters); a fresh RowGather gathers a header first."""
+    for res in (r["sync_counts"] for r in rank_results):
+        assert res["warm"] == {"all_gather_single": 1, "reduce_scatter_single": 1}, res["warm"]
+        assert res["first"] == {"all_gather_single": 2, "reduce_scatter_single": 1}, res["first"]
+        assert res["same"]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_row_gather_ragged_widths_growing_capacity_and_raw_label_bits(rank_results):
+    per_rank = [r["row_gather"] for r in rank_results]
+    gathers = []
+    for r, calls in enumerate(per_rank):
+        for c, res in enumerate(calls):
+            sent_v, sent_l = res["sent_values"], res["sent_labels"]
+            width = max(l.shape[1] for l in sent_l)
+            padded = [torch.cat([l, l[:, :1].expand(-1, width - l.shape[1])], 1) for l in sent_l]
+            assert res["counts"] == [v.shape[0] for v in sent_v] and res["offset"] == sum(res["counts"][:r])
+            assert torch.equal(res["values"], torch.cat(sent_v)) and res["values"].dtype == sent_v[0].dtype
+            assert torch.equal(res["labels"], torch.cat(padded)), (r, c)  # every bit of every hash
+            gathers.append(sum(res["calls"].values()))
+        assert per_rank[0][0]["labels"][:3, 0].tolist() == [-2**63, 2**63 - 1, -1]
+    # call 0 learns (2 gathers); call 1 has more rows and a wider label set (2 again, the width rounded up to
+    # 4); call 2 more rows (2); call 3 fits (1)
+    assert gathers == [2, 2, 2, 1] * WORLD, gathers

@@ -277,6 +277,23 @@ def test_logit_scale_init_and_fp32_exp(micro_json):
     assert scale.item() == pytest.approx(math.exp(stored), rel=1e-6)  # a bf16 exp is off by up to 0.4 %
 
 
+def test_uint8_pixels_are_normalized_by_the_model_in_its_dtype(micro_json):
+    """The loader ships uint8 pixels; the model normalizes them on their device, in the vision tower's
+    dtype: the same features as the normalized float pixels of the evaluation path."""
+    from rcml.preprocess import normalize_pixels
+
+    pixels = torch.randint(0, 256, (5, 3, S, S), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    b = batch(seed=8)
+    raw, normalized = Batch(**(vars(b) | {"images": pixels})), Batch(**(vars(b) | {"images": normalize_pixels(pixels)}))
+    model = make(micro_json).eval()
+    with torch.no_grad():
+        assert torch.equal(model(raw)["image_emb"], model(normalized)["image_emb"])
+        half = make(micro_json).to(torch.bfloat16).eval()
+        feats = half.image_features(pixels)
+        ref = half.image_features(normalize_pixels(pixels, torch.bfloat16))
+    assert feats.global_emb.dtype == torch.bfloat16 and torch.equal(feats.global_emb, ref.global_emb)
+
+
 def test_build_errors_are_clear(micro_json):
     with pytest.raises(FileNotFoundError, match="use one of .*base.*tiny"):
         make("huge")

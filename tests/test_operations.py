@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests._train_utils import (PY, REPO, build_tiny_dataset, deepspeed_cmd, env, overrides_list, read_metrics,
-                                run)
+from tests._train_utils import (FAULTY, PY, REPO, build_tiny_dataset, deepspeed_cmd, env, overrides_list,
+                                read_metrics, run)
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +35,10 @@ def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, log: Path, time
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
-def _rank_pids(launcher_pid: int) -> list[int]:
-    """PIDs of this job's training ranks: the launch/pretrain.py processes started by DeepSpeed's
-    per-node launcher below ``launcher_pid`` (their DataLoader workers run the same command line, one
-    level further down; other jobs on the machine are not descendants)."""
+def _rank_pids(launcher_pid: int, script: str = "launch/pretrain.py") -> list[int]:
+    """PIDs of this job's training ranks: the ``script`` processes started by DeepSpeed's per-node
+    launcher below ``launcher_pid`` (their DataLoader workers run the same command line, one level
+    further down; other jobs on the machine are not descendants)."""
     out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()[1:]
     table = {int(p): (int(pp), a) for p, pp, a in (line.split(None, 2) for line in out if line.strip())}
 
@@ -52,7 +52,7 @@ def _rank_pids(launcher_pid: int) -> list[int]:
     found = []
     for pid, (ppid, args) in table.items():
         parent_args = table.get(ppid, (0, ""))[1]
-        if "launch/pretrain.py" in args and "deepspeed.launcher.launch" in parent_args and descends(pid):
+        if script in args and "deepspeed.launcher.launch" in parent_args and descends(pid):
             found.append(pid)
     return sorted(found)
 
@@ -132,15 +132,33 @@ def test_dead_rank_fails_the_job_fast(dataset, tmp_path, port):
 def test_nonfinite_steps_are_skipped_then_abort(dataset, tmp_path, port):
     out = tmp_path / "skip"
     ov = overrides_list(dataset, out, **{"train.steps": "6", "train.export": "false"})
-    run(deepspeed_cmd(port, "configs/zero3.json", ov), extra_env={"RCML_TEST_NONFINITE_STEPS": "3"})
+    run(deepspeed_cmd(port, "configs/zero3.json", ov, extra_args=("--nonfinite", "3"), script=FAULTY))
     metrics = read_metrics(out)
     assert 3 not in [m["step"] for m in metrics]  # the skipped step logs no loss
-    assert metrics[-1]["nonfinite_steps"] == 1 and metrics[-1]["step"] == 6
+    last = metrics[-1]
+    assert last["nonfinite_steps"] == 1 and last["step"] == 6 and last["nonfinite_micro_batches"] == 1
+    assert last["optimizer_steps"] == 5  # gradient_accumulation_steps 1: skipped outright, no DeepSpeed step
 
     out2 = tmp_path / "abort"
     ov2 = overrides_list(dataset, out2, **{"train.steps": "10", "train.max_nonfinite_steps": "3"})
     with pytest.raises(AssertionError, match="3 consecutive steps had a non-finite loss"):
-        run(deepspeed_cmd(port + 1, "configs/zero3.json", ov2), extra_env={"RCML_TEST_NONFINITE_STEPS": "2,3,4"})
+        run(deepspeed_cmd(port + 1, "configs/zero3.json", ov2, extra_args=("--nonfinite", "2,3,4"), script=FAULTY))
+
+
+def test_nonfinite_micro_batches_with_accumulation_keep_steps_aligned(dataset, tmp_path, port):
+    """gradient_accumulation_steps 2: a non-finite micro-batch at micro-step 1 of step 3 gives a zero
+    gradient and the step still updates (logged); step 5 has no good micro-batch and no update. DeepSpeed's
+    optimizer steps stay the trainer's steps: before, the window broke off after one micro-batch and every
+    later optimizer step straddled two trainer steps."""
+    out = tmp_path / "accumulated"
+    ov = overrides_list(dataset, out, **{"train.steps": "6", "train.export": "false", "data.val": "",
+                                         "ds.gradient_accumulation_steps": "2"})
+    run(deepspeed_cmd(port, "configs/zero3.json", ov, extra_args=("--nonfinite", "3.1,5"), script=FAULTY))
+    metrics = {m["step"]: m for m in read_metrics(out)}
+    assert sorted(metrics) == [1, 2, 3, 4, 6]
+    assert [metrics[s]["optimizer_steps"] for s in sorted(metrics)] == [1, 2, 3, 4, 5]
+    assert metrics[6]["nonfinite_steps"] == 1 and metrics[6]["nonfinite_micro_batches"] == 3
+    assert metrics[3]["nonfinite_micro_batches"] == 1 and all(m["rows"] > 32 for m in metrics.values())  # 2 micro-batches
 
 
 def test_stop_request_checkpoints_and_resume_finishes(dataset, tmp_path, port):
@@ -172,14 +190,14 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint_loadable(dataset, tmp_p
     # second run: resume to 6 steps, killed while saving step 6 (after DeepSpeed wrote its files)
     ov6 = overrides_list(dataset, out, **{"train.steps": "6", "train.ckpt_every": "2", "train.export": "false"})
     log = tmp_path / "log.txt"
-    proc = _start(deepspeed_cmd(port + 1, "configs/zero3.json", ov6, extra_args=("--resume", "latest")), log,
-                  {"RCML_TEST_SAVE_PAUSE_S": "30"})
+    proc = _start(deepspeed_cmd(port + 1, "configs/zero3.json", ov6, extra_args=("--resume", "latest",
+                                                                             "--save-pause-s", "30"), script=FAULTY), log)
     try:
         deadline = time.time() + 240
         while time.time() < deadline and len(list((out / "checkpoints").glob(".tmp-step_00000006/trainer_state_*"))) < 2:
             assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.5)
-        ranks = _rank_pids(proc.pid)
+        ranks = _rank_pids(proc.pid, FAULTY)
         assert len(ranks) == 2, ranks
         os.kill(ranks[0], signal.SIGKILL)
         proc.wait(timeout=120)

@@ -100,7 +100,7 @@ def test_no_cross_source_positive_comes_from_a_singleton_group(tmp_path):
                     assert int(batch.group_ids[j]) in real[i], (owners[i], owners[j], "positives via self group")
         assert torch.equal(batch.member_groups[:, 0], batch.group_ids)
         # loss.positives=item: one identity per (source, key), so same-key items of two sources differ
-        from rcml.train.trainer import positive_groups
+        from rcml.train.step import positive_groups
 
         item_groups = positive_groups(batch, "item")[0].tolist()
         assert len(set(item_groups)) == len(set(owners)) == batch.num_rows

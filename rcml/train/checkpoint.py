@@ -39,11 +39,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger("rcml")
+from rcml.train import faults
 
-# Fault injection for the atomicity test: pause (seconds) after the rank files are written, before
-# publishing, so that a test can kill a rank mid-save.
-SAVE_PAUSE_ENV = "RCML_TEST_SAVE_PAUSE_S"
+log = logging.getLogger("rcml")
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -151,11 +149,7 @@ def save(engine, ckpt_dir: Path, step: int, rank_state: dict[str, Any], extra_fi
     if rank == 0:
         for name, text in extra_files.items():
             (tmp / name).write_text(text)
-    if float(os.environ.get(SAVE_PAUSE_ENV, "0")) > 0:
-        import time
-
-        log.warning("pausing %s s before publishing %s (%s)", os.environ[SAVE_PAUSE_ENV], tag, SAVE_PAUSE_ENV)
-        time.sleep(float(os.environ[SAVE_PAUSE_ENV]))
+    faults.before_publish(tmp, rank)  # a no-op; the atomicity test kills a rank here
     dist.barrier()  # every rank's files are final: hash them
     files = _hash_shared(tmp, rank, dist.get_world_size())
     if rank == 0:
