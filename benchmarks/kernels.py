@@ -46,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from kernels.contrastive import multi_positive_row_loss  # noqa: E402
 from kernels.contrastive_triton import TritonBlocks, blocks  # noqa: E402
 from rcml.loss import relation_contrastive_loss  # noqa: E402
+from tests.oracles import load_open_clip_loss  # noqa: E402  (open_clip's loss.py by path)
 
 METHODS = ("triton", "torch", "naive", "open_clip")
 
@@ -82,16 +83,6 @@ def peak_bytes(fn, device: torch.device) -> int | None:
 
 def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
-def load_open_clip_loss():
-    import importlib.util
-
-    root = importlib.util.find_spec("open_clip").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("open_clip_loss", os.path.join(root, "loss.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def naive_inter_loss(u, t, groups, scale):
