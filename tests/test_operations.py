@@ -190,15 +190,19 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint_loadable(dataset, tmp_p
     # second run: resume to 6 steps, killed while saving step 6 (after DeepSpeed wrote its files)
     ov6 = overrides_list(dataset, out, **{"train.steps": "6", "train.ckpt_every": "2", "train.export": "false"})
     log = tmp_path / "log.txt"
-    proc = _start(deepspeed_cmd(port + 1, "configs/zero3.json", ov6, extra_args=("--resume", "latest",
-                                                                             "--save-pause-s", "30"), script=FAULTY), log)
+    pids = tmp_path / "paused"
+    proc = _start(deepspeed_cmd(port + 1, "configs/zero3.json", ov6, script=FAULTY,
+                                extra_args=("--resume", "latest", "--save-pause-s", "60", "--pause-pids", str(pids))),
+                  log)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and len(list((out / "checkpoints").glob(".tmp-step_00000006/trainer_state_*"))) < 2:
+        # each rank writes its pid once its checkpoint files are written, then pauses before publishing
+        deadline = time.time() + 300
+        while time.time() < deadline and len(list(pids.glob("rank*.pid"))) < 2:
             assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.5)
-        ranks = _rank_pids(proc.pid, FAULTY)
-        assert len(ranks) == 2, ranks
+        assert len(list(pids.glob("rank*.pid"))) == 2, f"no rank paused mid-save in 300 s: {log.read_text()[-3000:]}"
+        assert len(list((out / "checkpoints").glob(".tmp-step_00000006/trainer_state_*"))) == 2
+        ranks = [int((pids / f"rank{r}.pid").read_text()) for r in (0, 1)]
         os.kill(ranks[0], signal.SIGKILL)
         proc.wait(timeout=120)
     finally:

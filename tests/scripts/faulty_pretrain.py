@@ -1,16 +1,19 @@
 """launch/pretrain.py with faults injected, for the failure tests (tests/test_operations.py).
 
     deepspeed --num_gpus 2 tests/scripts/faulty_pretrain.py [--nonfinite 3,5.1] [--save-pause-s 30] \
-        <launch/pretrain.py arguments>
+        [--pause-pids DIR] <launch/pretrain.py arguments>
 
 ``--nonfinite``: the losses made NaN, ``S`` (every micro-batch of optimizer step S, 1-based) or ``S.M``
 (micro-batch M of step S, 0-based). ``--save-pause-s``: every rank waits that long between writing its
-checkpoint files and publishing them, so that a test can kill a rank mid-save. Both replace the no-op
+checkpoint files and publishing them, so that a test can kill a rank mid-save; with ``--pause-pids`` it
+first writes its process id to ``DIR/rank<r>.pid``, so that the test knows which process is paused
+where without reading the process table. Both replace the no-op
 injection points of rcml/train/faults.py before the trainer starts; nothing is read from the environment.
 """
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,12 +37,18 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--nonfinite", default="")
     p.add_argument("--save-pause-s", type=float, default=0.0)
+    p.add_argument("--pause-pids", type=Path, default=None)
     args, rest = p.parse_known_args(argv)
     bad = parse_nonfinite(args.nonfinite)
     if bad:
         faults.nonfinite_loss = lambda step, micro: (step, None) in bad or (step, micro) in bad
     if args.save_pause_s > 0:
         def pause(path, rank):
+            if args.pause_pids is not None:
+                args.pause_pids.mkdir(parents=True, exist_ok=True)
+                marker = args.pause_pids / f"rank{rank}.pid"
+                marker.with_suffix(".tmp").write_text(str(os.getpid()))
+                os.replace(marker.with_suffix(".tmp"), marker)  # the test never reads a half-written id
             logging.getLogger("rcml").warning("pausing %.0f s before publishing %s", args.save_pause_s, path.name)
             time.sleep(args.save_pause_s)
 
