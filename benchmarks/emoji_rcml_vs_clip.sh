@@ -30,7 +30,8 @@
 # --no-eval trains only (a later call without it evaluates the existing exports); --dry-run prints the
 # commands only.
 #
-# Environment: EMOJI_RUNS_ONLY (a comma-separated subset of the main runs; "none" for none), EMOJI_KEEP=1 (add
+# Environment: EMOJI_RUNS_ONLY (a comma-separated subset of the main runs; "none" for none), EMOJI_ABLATIONS_ONLY
+# (with --ablations: a comma-separated subset of the ablations, e.g. beta_0.6), EMOJI_KEEP=1 (add
 # these runs to the ones already in the JSON, which must share their evaluation plans), EMOJI_STEPS (300), EMOJI_DATA
 # (data/emoji), EMOJI_CACHE (.cache/emoji), EMOJI_RUNS (runs/emoji), EMOJI_PORT (29531), PY, DS. About 12
 # minutes per trained run and seed on a 2-core CPU, and 3-5 to evaluate it.
@@ -114,6 +115,15 @@ if [ "$ABLATIONS" = 1 ]; then
     "beta_0|train||model.mode=rcml model.beta=0"
     "beta_0.6|train||model.mode=rcml model.beta=0.6"
   )
+fi
+if [ "$ABLATIONS" = 1 ] && [ -n "${EMOJI_ABLATIONS_ONLY:-}" ]; then  # e.g. EMOJI_ABLATIONS_ONLY=beta_0.6
+  main_runs=",rcml,clip,beta_1,clip_plain,"
+  keep=()
+  for spec in "${RUN_SPECS[@]}"; do
+    name=${spec%%|*}
+    if [[ "$main_runs" == *",$name,"* ]] || [[ ",$EMOJI_ABLATIONS_ONLY," == *",$name,"* ]]; then keep+=("$spec"); fi
+  done
+  RUN_SPECS=("${keep[@]}")
 fi
 if [ "$UNTRAINED" = 1 ]; then
   RUN_SPECS+=(

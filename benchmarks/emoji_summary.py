@@ -2,6 +2,7 @@
 
     python benchmarks/emoji_summary.py --runs runs/emoji --out benchmarks/results/emoji_rcml_vs_clip.json \
         --seeds 0,1,2 rcml clip beta_1 [untrained_rcml ...] [--keep-existing]
+    python benchmarks/emoji_summary.py --out benchmarks/results/emoji_rcml_vs_clip.json --print-only [names]
 
 Reads ``<runs>/<name>/seed_<s>/eval_<split>/report.json`` (written by benchmarks/emoji_rcml_vs_clip.sh)
 and writes ``{name: {split: mean report + {"std": report of sample stds, "seeds": [...]}, "train": [...]}}``.
@@ -9,6 +10,13 @@ The relation-blind baselines inside each report are computed on that report's pl
 the same seed share the plan, so their baselines agree (checked here). ``--keep-existing`` adds the named
 runs to the runs already in ``--out`` (a named run replaces its old entry); the plan check then covers
 every run in the file, so an entry evaluated on other samples or seeds is refused, not mixed in.
+``--print-only`` prints the tables of the runs already in ``--out`` (all of them unless named) and writes
+nothing.
+
+Besides the overall tables, the confusable protocol is broken down by the query's relation type (MEAN and
+TT Hit@5 per type): the overall MEAN averages types whose relation can be read from a caption (skin tone,
+keyword) with types that no caption or image carries (release, OpenMoji artist), and conditioning can only
+pay where the relation selects something the item shows.
 """
 
 from __future__ import annotations
@@ -97,15 +105,44 @@ def print_tables(result: dict, names: list[str]) -> None:
         print(f"| chance | - | - | {pm(base, ('relation_type', 'chance_top3'))} | 0.500 |")
 
 
+def print_type_tables(result: dict, names: list[str]) -> None:
+    """Confusable protocol by the query's relation type: one column per run, MEAN and TT Hit@5."""
+    n_seeds = len(result[names[0]][SPLITS[0][0]]["seeds"])
+    for split, title in SPLITS:
+        types = result[names[0]][split]["retrieval_confusable"]["by_type"]
+        for column in ("MEAN", "TT"):
+            print(f"\n### {title}, confusable negatives, by relation type: {column} Hit@5, mean ± std over "
+                  f"{n_seeds} seeds\n")
+            print("| relation type | queries | " + " | ".join(names) + " |")
+            print("|---" * (len(names) + 2) + "|")
+            for rtype in sorted(types):
+                queries = types[rtype]["queries"]
+                cells = [pm(result[name][split], ("retrieval_confusable", "by_type", rtype, "hit@5", column))
+                         for name in names]
+                print(f"| {rtype} | {queries:.0f} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=Path, required=True)
+    p.add_argument("--runs", type=Path, help="the runs' directory (required unless --print-only)")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seeds", required=True, help="comma-separated, e.g. 0,1,2")
+    p.add_argument("--seeds", help="comma-separated, e.g. 0,1,2 (required unless --print-only)")
     p.add_argument("--keep-existing", action="store_true",
                    help="keep the runs already in --out that are not named here (same plans required)")
-    p.add_argument("names", nargs="+")
+    p.add_argument("--print-only", action="store_true", help="print the tables of --out; read and write nothing else")
+    p.add_argument("names", nargs="*")
     args = p.parse_args(argv)
+    if args.print_only:
+        result = json.loads(args.out.read_text())
+        names = args.names or list(result)
+        missing = [n for n in names if n not in result]
+        if missing:
+            raise SystemExit(f"{args.out} has no run(s) {missing}; it has {sorted(result)}")
+        print_tables(result, names)
+        print_type_tables(result, names)
+        return 0
+    if args.runs is None or args.seeds is None or not args.names:
+        p.error("--runs, --seeds and at least one run name are required (or pass --print-only)")
     seeds = [int(s) for s in args.seeds.split(",")]
     result = collect(args.runs, args.names, seeds)
     if args.keep_existing and args.out.is_file():
@@ -121,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(strict_json(result), indent=2, sort_keys=True) + "\n")
     print_tables(result, args.names)
+    print_type_tables(result, args.names)
     print(f"\nwrote {args.out}")
     return 0
 
