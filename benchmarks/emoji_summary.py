@@ -14,7 +14,7 @@ every run in the file, so an entry evaluated on other samples or seeds is refuse
 nothing.
 
 Besides the overall tables, the confusable protocol is broken down by the query's relation type (MEAN and
-TT Hit@5 per type): the overall MEAN averages types whose relation can be read from a caption (skin tone,
+TT and IT Hit@5 per type): the overall MEAN averages types whose relation can be read from a caption (skin tone,
 keyword) with types that no caption or image carries (release, OpenMoji artist), and conditioning can only
 pay where the relation selects something the item shows.
 """
@@ -106,11 +106,11 @@ def print_tables(result: dict, names: list[str]) -> None:
 
 
 def print_type_tables(result: dict, names: list[str]) -> None:
-    """Confusable protocol by the query's relation type: one column per run, MEAN and TT Hit@5."""
+    """Confusable protocol by the query's relation type: one column per run, MEAN, TT and IT Hit@5."""
     n_seeds = len(result[names[0]][SPLITS[0][0]]["seeds"])
     for split, title in SPLITS:
         types = result[names[0]][split]["retrieval_confusable"]["by_type"]
-        for column in ("MEAN", "TT"):
+        for column in ("MEAN", "TT", "IT"):
             print(f"\n### {title}, confusable negatives, by relation type: {column} Hit@5, mean ± std over "
                   f"{n_seeds} seeds\n")
             print("| relation type | queries | " + " | ".join(names) + " |")
