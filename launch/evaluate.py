@@ -3,8 +3,10 @@
     python launch/evaluate.py --checkpoint runs/demo/rcml/export --shards 'data/val/shard-{000000..000001}.tar' \
         --out runs/demo/eval [--max-items N] [--negatives 20] [--seed 0] [--device cpu] [--mlflow]
 
---checkpoint is an export folder, or a training run directory (``train.out_dir``), whose ``export/`` is
-used. --shards is a brace pattern, a shard directory or its manifest.json. Writes report.json, report.md
+--checkpoint is an export folder, a training run directory (``train.out_dir``: its ``export/``, or its
+latest checkpoint while it has none), or a training checkpoint (``<out_dir>/checkpoints/step_<n>``, or
+``checkpoints/`` for its latest), which is converted to an export in a temporary folder first
+(``python -m rcml.train.checkpoint export`` keeps one). --shards is a brace pattern, a shard directory or its manifest.json. Writes report.json, report.md
 and plots to --out and prints the markdown report (progress bars go to stderr). Logs to MLflow when
 MLFLOW_TRACKING_URI is set or --mlflow is given (then, without a tracking URI, into an embedded sqlite
 store ``<out>/mlflow.db``).
@@ -33,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     default = {k: v.default for k, v in inspect.signature(evaluate).parameters.items()}
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="export directory (<train.out_dir>/export), or the run directory <train.out_dir>")
+                   help="export directory (<train.out_dir>/export), the run directory <train.out_dir>, or a "
+                   "training checkpoint <train.out_dir>/checkpoints/step_<n>")
     p.add_argument("--shards", required=True, help="shard URL pattern, brace-expanded ('a::b' joins sources), "
                    "or a shard directory / its manifest.json")
     p.add_argument("--out", required=True, help="output directory for the report")
@@ -59,35 +62,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 EXPORT_MARKER = "spec.json"  # what makes a directory an RCML export (rcml.export.write_export)
 
 
-def resolve_checkpoint(path: Path) -> Path:
-    """The export folder that ``--checkpoint path`` names: ``path`` itself, or ``path/export`` for a run
-    directory. Raises FileNotFoundError saying what is expected for anything else -- a DeepSpeed checkpoint
-    (``<out_dir>/checkpoints/step_N``) is partitioned optimizer and model state, not a model to evaluate."""
-    expected = "pass an export folder (<train.out_dir>/export) or the run directory <train.out_dir>"
+def resolve_checkpoint(path: Path) -> tuple[Path, bool]:
+    """What ``--checkpoint path`` names -> (directory, is_training_checkpoint): an export folder (``path``
+    itself, or ``path/export`` for a run directory), else a training checkpoint (``path`` a ``step_<n>``
+    directory; the latest of ``path`` when it is a ``checkpoints/`` directory, or of ``path/checkpoints``
+    for a run directory that has not exported yet). Raises FileNotFoundError saying what is expected."""
+    from rcml.train import checkpoint
+
+    expected = ("pass an export folder (<train.out_dir>/export), the run directory <train.out_dir>, or a "
+                "training checkpoint <train.out_dir>/checkpoints/step_<n>")
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path} does not exist; {expected}")
     if (path / EXPORT_MARKER).exists() or not path.is_dir():
-        return path  # rcml.from_pretrained checks the files of the export
+        return path, False  # rcml.from_pretrained checks the files of the export
     if (path / "export").is_dir():
-        return path / "export"
-    resolved = path.resolve()
-    if resolved.parent.name == "checkpoints":  # <run>/checkpoints/step_N
-        run = resolved.parent.parent
-    elif resolved.name == "checkpoints":
-        run = resolved.parent
-    elif (path / "checkpoints").is_dir():  # a run directory that has not exported (yet)
-        raise FileNotFoundError(f"--checkpoint {path} is a run directory without an export: {path / 'export'} is "
-                                "written when training ends (train.export=true)")
-    else:
-        raise FileNotFoundError(f"--checkpoint {path} is not an RCML export (no {EXPORT_MARKER}) and holds no "
-                                f"export/; {expected}")
-    export = run / "export"
-    raise FileNotFoundError(
-        f"--checkpoint {path} holds DeepSpeed training checkpoints (partitioned model and optimizer states), which "
-        "evaluation does not read; " + (f"evaluate the run's export, {export} (the model at the end of training)"
-                                        if (export / EXPORT_MARKER).exists() else
-                                        f"the run has no export yet: {export} is written when training ends "
-                                        "(train.export=true)"))
+        return path / "export", False
+    if (path / checkpoint.COMPLETE).exists():
+        return path, True
+    for ckpt_dir in (path, path / "checkpoints"):
+        if (ckpt_dir / checkpoint.LATEST).exists():
+            try:
+                return checkpoint.resolve(ckpt_dir, checkpoint.LATEST), True
+            except RuntimeError as exn:
+                raise FileNotFoundError(f"--checkpoint {path}: {exn}") from None
+    if path.name.startswith(checkpoint.TMP_PREFIX):
+        raise FileNotFoundError(f"--checkpoint {path} is a checkpoint whose save did not finish; {expected}")
+    raise FileNotFoundError(f"--checkpoint {path} is not an RCML export (no {EXPORT_MARKER}), holds no export/ and "
+                            f"no published checkpoint; {expected}")
+
+
+def load_model(path: Path, device: str):
+    """``resolve_checkpoint``'s answer -> the loaded ``RCMLEmbedder``; a training checkpoint is converted to an
+    export in a temporary folder first (deleted once the model is in memory)."""
+    import tempfile
+
+    from rcml.export import from_pretrained
+    from rcml.train.checkpoint_export import export_checkpoint
+
+    directory, is_training = resolve_checkpoint(path)
+    if not is_training:
+        if directory != path:
+            print(f"evaluating the export {directory}", file=sys.stderr)
+        return directory, from_pretrained(directory, map_location=device)
+    print(f"evaluating the training checkpoint {directory}, converted to an export first "
+          f"(`python -m rcml.train.checkpoint export {directory} --out DIR` keeps one)", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="rcml-eval-") as tmp:
+        try:
+            export = export_checkpoint(directory, Path(tmp) / "export")
+        except RuntimeError as exn:
+            raise FileNotFoundError(str(exn)) from None
+        return directory, from_pretrained(export, map_location=device)
 
 
 def load_samples(shards: str, max_items: int | None, strict: bool) -> tuple[list[dict], dict[str, int],
@@ -137,7 +161,6 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     from rcml.decode import BadSampleError
     from rcml.eval import evaluate, write_report
-    from rcml.export import from_pretrained
     from rcml.shard_manifest import resolve_pattern
 
     try:  # before the model is loaded: a wrong path is found at once
@@ -146,11 +169,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: --shards: {exn}", file=sys.stderr)
         return 2
     try:
-        checkpoint = resolve_checkpoint(Path(args.checkpoint))
-        if checkpoint != Path(args.checkpoint):
-            print(f"evaluating the export {checkpoint}", file=sys.stderr)
+        checkpoint, loaded = load_model(Path(args.checkpoint), args.device)
         args.checkpoint = str(checkpoint)
-        loaded = from_pretrained(checkpoint, map_location=args.device)
     except FileNotFoundError as exn:
         print(f"error: {exn}", file=sys.stderr)
         return 2

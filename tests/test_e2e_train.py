@@ -168,3 +168,57 @@ def test_a_fresh_start_in_a_directory_holding_a_run_is_refused(reference_run, da
         run(deepspeed_cmd(free_port(), "configs/zero3.json", ov), timeout=300)
     assert {p: p.stat().st_mtime_ns for p in before} == before
     assert (ref / "export" / "model.safetensors").is_file()
+
+
+def test_a_training_checkpoint_exports_as_the_trainer_does(reference_run, dataset, tmp_path, capsys):
+    """python -m rcml.train.checkpoint export: the final checkpoint's export holds exactly the weights, spec
+    and tokenizer of the trainer's own export; evaluate.py reads a checkpoint directly and scores it as the
+    export; a changed file or weights that do not fit the spec are refused before anything loads."""
+    from safetensors.torch import load_file
+
+    from launch.evaluate import main as evaluate_main
+    from rcml.train import checkpoint
+    from rcml.train.checkpoint_export import export_checkpoint
+
+    ref, _ = reference_run
+    final = ref / "checkpoints" / f"step_{STEPS:08d}"
+    assert checkpoint.main(["export", str(ref / "checkpoints"), "--out", str(tmp_path / "final")]) == 0  # its latest
+    for weights in ("model.safetensors", "rcml_pooling.safetensors"):
+        ours, trainers = load_file(tmp_path / "final" / weights), load_file(ref / "export" / weights)
+        assert ours.keys() == trainers.keys()
+        assert all(torch.equal(ours[k], trainers[k]) for k in ours), weights
+    for name in ("spec.json", "tokenizer.json", "config.json", "run_config.yaml"):
+        assert (tmp_path / "final" / name).read_text() == (ref / "export" / name).read_text(), name
+    # the mid-run checkpoint is another model
+    mid = export_checkpoint(ref / "checkpoints" / f"step_{REFERENCE_CKPT:08d}", tmp_path / "mid")
+    key = "text_projection.weight"
+    assert not torch.equal(load_file(mid / "model.safetensors")[key], load_file(ref / "export" / "model.safetensors")[key])
+    assert f"{REFERENCE_CKPT} of {STEPS}" in (mid / "README.md").read_text()  # the model card's optimizer steps
+
+    # evaluate.py on the checkpoint directory == on the export
+    common = ["--shards", dataset["data.val"], "--max-items", "48", "--negatives", "5", "--batch-size", "16"]
+    assert evaluate_main(["--checkpoint", str(final), "--out", str(tmp_path / "eval_ckpt"), *common]) == 0
+    assert evaluate_main(["--checkpoint", str(ref / "export"), "--out", str(tmp_path / "eval_export"), *common]) == 0
+    from_ckpt, from_export = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("eval_ckpt", "eval_export"))
+    assert from_ckpt["retrieval"] == from_export["retrieval"] and from_ckpt["checkpoint"] == str(final.resolve())
+    capsys.readouterr()
+
+    # a changed byte in a file DeepSpeed would unpickle: refused, naming it
+    tampered = tmp_path / "tampered" / final.name
+    shutil.copytree(final, tampered)
+    optim = sorted(tampered.glob("*optim_states.pt"))[0]
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    optim.write_bytes(bytes(data))
+    assert checkpoint.main(["export", str(tampered), "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert optim.name in err and "sha256" in err and not (tmp_path / "never").exists()
+    # a spec that the weights do not fit (one text layer fewer), resealed as if trusted
+    shutil.rmtree(tampered)
+    shutil.copytree(final, tampered)
+    spec = json.loads((tampered / "spec.json").read_text())
+    spec["text_config"]["num_hidden_layers"] -= 1
+    (tampered / "spec.json").write_text(json.dumps(spec))
+    checkpoint.seal(tampered)
+    with pytest.raises(RuntimeError, match=r"do not match its spec.json: missing \[\], unexpected \['text\."):
+        export_checkpoint(tampered, tmp_path / "never")

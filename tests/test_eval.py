@@ -368,7 +368,7 @@ def test_cli_on_shards_and_export(tmp_path_factory, tmp_path, tokenizer, monkeyp
 
 
 def test_cli_says_what_checkpoint_and_shards_it_expects(tmp_path, capsys):
-    from launch.evaluate import main
+    from launch.evaluate import main, resolve_checkpoint
 
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000040").mkdir(parents=True)
@@ -383,14 +383,27 @@ def test_cli_says_what_checkpoint_and_shards_it_expects(tmp_path, capsys):
         assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
         return err
 
-    err = error(run)
-    assert "is a run directory without an export" in err and str(run / "export") in err
-    for checkpoint in (run / "checkpoints", run / "checkpoints" / "step_00000040"):
+    # a step directory whose save never completed, and a run directory that holds nothing published
+    for checkpoint in (run, run / "checkpoints", run / "checkpoints" / "step_00000040"):
         err = error(checkpoint)
-        assert "DeepSpeed training checkpoints" in err and "the run has no export yet" in err
+        assert "holds no export/ and no published checkpoint" in err and "checkpoints/step_<n>" in err
+    (run / "checkpoints" / ".tmp-step_00000060").mkdir()
+    assert "whose save did not finish" in error(run / "checkpoints" / ".tmp-step_00000060")
+    # latest naming a directory outside checkpoints/ is not followed
+    (run / "checkpoints" / "latest").write_text("../elsewhere")
+    assert "not a checkpoint directly inside" in error(run)
+    # a published checkpoint is converted, after its files are checked: here COMPLETE lists no hashes
+    (run / "checkpoints" / "step_00000040" / "COMPLETE").write_text(json.dumps({"step": 40, "world_size": 2}))
+    (run / "checkpoints" / "latest").write_text("step_00000040")
+    for checkpoint in (run, run / "checkpoints", run / "checkpoints" / "step_00000040"):
+        assert main(["--checkpoint", str(checkpoint), "--shards", str(shards / "s0.tar"), "--out", str(tmp_path / "o")]) == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert lines[0].startswith("evaluating the training checkpoint") and len(lines) == 2, lines
+        assert lines[1].startswith("error: ") and "lists no file hashes" in lines[1]
+    # an export beside the checkpoints is what the run directory stands for
     (run / "export").mkdir()
     (run / "export" / "spec.json").write_text("{}")
-    assert f"evaluate the run's export, {run.resolve() / 'export'}" in error(run / "checkpoints" / "step_00000040")
+    assert resolve_checkpoint(run) == (run / "export", False)
     err = error(tmp_path / "shards")
     assert "is not an RCML export (no spec.json)" in err and "<train.out_dir>/export" in err
     missing = str(tmp_path / "val-{0..3}.tar")

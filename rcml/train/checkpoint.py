@@ -6,6 +6,7 @@ Layout of ``<out_dir>/checkpoints``::
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   (DeepSpeed)
         trainer_state_rank00000.pt   step, data position, RNG states, skip counters of that rank
         run_config.yaml, ds_config.json
+        spec.json, tokenizer.json    what an export needs besides the weights (rcml/train/checkpoint_export.py)
         COMPLETE                     written last, before the directory is published: step, world size,
                                      and the size and sha256 of every other file of the directory
     latest                       name of the newest published checkpoint, replaced atomically
@@ -324,13 +325,32 @@ def seal(path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m rcml.train.checkpoint", description=seal.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m rcml.train.checkpoint",
+                                     description="Tools for training checkpoints (<train.out_dir>/checkpoints/step_<n>).")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("seal", help="record the sha256 of every file of a trusted checkpoint").add_argument(
         "checkpoint", type=Path, help="a step_<n> directory with a COMPLETE marker")
+    export = sub.add_parser("export", help="write an export folder (rcml.from_pretrained, transformers' CLIPModel) "
+                                           "from a checkpoint, in one process")
+    export.add_argument("checkpoint", type=Path,
+                        help="a step_<n> directory, or a checkpoints/ directory (its latest checkpoint)")
+    export.add_argument("--out", type=Path, required=True, help="the export folder to write (replaced if it exists)")
     args = parser.parse_args(argv)
-    seal(args.checkpoint)
-    print(f"{args.checkpoint / COMPLETE}: {len(_listing(args.checkpoint))} files recorded")
+    if args.command == "seal":
+        seal(args.checkpoint)
+        print(f"{args.checkpoint / COMPLETE}: {len(_listing(args.checkpoint))} files recorded")
+        return 0
+    from rcml.train.checkpoint_export import export_checkpoint
+
+    path = args.checkpoint
+    try:
+        if not (path / COMPLETE).exists() and (path / LATEST).exists():
+            path = resolve(path, LATEST)
+        out = export_checkpoint(path, args.out)
+    except (RuntimeError, FileNotFoundError) as exn:
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
+    print(f"exported {path} to {out} (load with rcml.from_pretrained)")
     return 0
 
 

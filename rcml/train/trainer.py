@@ -31,6 +31,7 @@ from rcml.model import build_model
 from rcml.model_card import write_model_card
 from rcml.tokenizer import TextTokenizer, tokenizer_file
 from rcml.train import checkpoint, optimizer, run_dir
+from rcml.train.checkpoint_export import conversion_files
 from rcml.train.distributed import WorldInfo, init_distributed, long_phase, set_collective_timeout
 from rcml.train.ds_config import load_ds_config, uses_bf16, zero_stage
 from rcml.train.metrics import MetricsLogger
@@ -301,8 +302,9 @@ class Trainer:
     def save(self) -> None:
         with self._phase():
             state = self.state.state_dict() | {"rng": checkpoint.rng_state(), "world_size": self.world.world_size}
-            extra = {"run_config.yaml": (self.out_dir / "run_config.yaml").read_text() if self.world.is_main else "",
-                     "ds_config.json": json.dumps(self.ds, indent=2)}
+            extra = {"ds_config.json": json.dumps(self.ds, indent=2)}
+            if self.world.is_main:  # only rank 0 writes these
+                extra |= conversion_files(self.spec, self.tokenizer_path, (self.out_dir / "run_config.yaml").read_text())
             checkpoint.save(self.engine, self.ckpt_dir, self.state.step, state, extra,
                             self.cfg.train.keep_checkpoints, self.world.rank)
 
