@@ -73,12 +73,12 @@ def resolve_checkpoint(path: Path) -> tuple[Path, bool]:
                 "training checkpoint <train.out_dir>/checkpoints/step_<n>")
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path} does not exist; {expected}")
+    if (path / checkpoint.COMPLETE).exists():  # first: a checkpoint carries a spec.json too
+        return path, True
     if (path / EXPORT_MARKER).exists() or not path.is_dir():
         return path, False  # rcml.from_pretrained checks the files of the export
     if (path / "export").is_dir():
         return path / "export", False
-    if (path / checkpoint.COMPLETE).exists():
-        return path, True
     for ckpt_dir in (path, path / "checkpoints"):
         if (ckpt_dir / checkpoint.LATEST).exists():
             try:

@@ -316,6 +316,9 @@ def from_pretrained(path: str | Path, map_location: str | torch.device = "cpu") 
     from rcml.tokenizer import TextTokenizer
 
     path = Path(path)
+    if (path / "COMPLETE").exists() and not (path / WEIGHTS_FILE).exists():  # rcml.train.checkpoint's marker
+        raise FileNotFoundError(f"{path} is a training checkpoint, not an export: convert it with "
+                                f"`python -m rcml.train.checkpoint export {path} --out DIR`")
     for name in (WEIGHTS_FILE, "spec.json", "tokenizer.json"):
         if not (path / name).exists():
             raise FileNotFoundError(f"{path} is not an RCML export: {name} is missing")

@@ -176,6 +176,7 @@ def test_a_training_checkpoint_exports_as_the_trainer_does(reference_run, datase
     export; a changed file or weights that do not fit the spec are refused before anything loads."""
     from safetensors.torch import load_file
 
+    import rcml
     from launch.evaluate import main as evaluate_main
     from rcml.train import checkpoint
     from rcml.train.checkpoint_export import export_checkpoint
@@ -222,3 +223,6 @@ def test_a_training_checkpoint_exports_as_the_trainer_does(reference_run, datase
     checkpoint.seal(tampered)
     with pytest.raises(RuntimeError, match=r"do not match its spec.json: missing \[\], unexpected \['text\."):
         export_checkpoint(tampered, tmp_path / "never")
+    # from_pretrained names the conversion instead of a missing file
+    with pytest.raises(FileNotFoundError, match="is a training checkpoint, not an export: convert it with"):
+        rcml.from_pretrained(final)
