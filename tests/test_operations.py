@@ -161,6 +161,28 @@ def test_nonfinite_micro_batches_with_accumulation_keep_steps_aligned(dataset, t
     assert metrics[3]["nonfinite_micro_batches"] == 1 and all(m["rows"] > 32 for m in metrics.values())  # 2 micro-batches
 
 
+def test_a_failing_final_evaluation_never_costs_the_export(dataset, tmp_path, port):
+    """The export is written before the final evaluation. Rank 0 failing to write the report is logged and
+    the job ends 0; an evaluation that fails fails the job, and the export is there and loads either way."""
+    import rcml
+
+    out = tmp_path / "report_fails"
+    ov = overrides_list(dataset, out, **{"train.steps": "3"})
+    proc = run(deepspeed_cmd(port, "configs/zero3.json", ov, extra_args=("--fail-report",), script=FAULTY))
+    text = proc.stdout + proc.stderr
+    assert "eval step 3: writing or logging the report failed" in text, text[-3000:]
+    assert "injected: writing the report of step 3 fails" in text
+    assert not (out / "eval" / "step_00000003" / "report.json").exists()
+    assert rcml.from_pretrained(out / "export").spec["mode"] == "rcml"
+
+    out2 = tmp_path / "evaluation_fails"
+    ov2 = overrides_list(dataset, out2, **{"train.steps": "3"})
+    with pytest.raises(AssertionError, match="injected: the evaluation at step 3 fails"):
+        run(deepspeed_cmd(port + 1, "configs/zero3.json", ov2, extra_args=("--fail-evaluation",), script=FAULTY))
+    assert (out2 / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert rcml.from_pretrained(out2 / "export").spec["mode"] == "rcml"
+
+
 def test_stop_request_checkpoints_and_resume_finishes(dataset, tmp_path, port):
     """The SLURM requeue path: a STOP file makes every rank checkpoint and exit 0; --resume continues."""
     out = tmp_path / "stop"

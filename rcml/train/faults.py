@@ -19,3 +19,11 @@ def nonfinite_loss(step: int, micro: int) -> bool:
 def before_publish(path: Path, rank: int) -> None:
     """Called on every rank once its files of the checkpoint being saved are written to ``path`` (the
     ``.tmp-`` directory), before any rank hashes them and the checkpoint is published."""
+
+
+def evaluation(step: int) -> None:
+    """Called on every rank when an evaluation at ``step`` starts: raising here makes the evaluation fail."""
+
+
+def report_writing(step: int) -> None:
+    """Called on rank 0 before it writes and logs the report of the evaluation at ``step``."""

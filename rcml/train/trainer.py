@@ -30,7 +30,7 @@ from rcml.export import consolidated_state_dict, write_export
 from rcml.model import build_model
 from rcml.model_card import write_model_card
 from rcml.tokenizer import TextTokenizer, tokenizer_file
-from rcml.train import checkpoint, optimizer, run_dir
+from rcml.train import checkpoint, faults, optimizer, run_dir
 from rcml.train.checkpoint_export import conversion_files
 from rcml.train.distributed import WorldInfo, init_distributed, long_phase, set_collective_timeout
 from rcml.train.ds_config import load_ds_config, uses_bf16, zero_stage
@@ -322,6 +322,7 @@ class Trainer:
                 if len(self.val_samples) >= self.cfg.eval.max_items:
                     break
         module, step = self.engine.module, self.state.step
+        faults.evaluation(step)  # a no-op; the failure tests make an evaluation fail here
         module.eval()
         # every rank runs the same forwards (ZeRO-3 gathers parameters collectively); rank 0 reports
         report = evaluate(module, self.tokenizer, self.val_samples, mode=self.cfg.model.mode,
@@ -332,6 +333,7 @@ class Trainer:
             # rank 0's file work (report, plot, MLflow) must not fail the job: the others already wait at the
             # barrier below, and the numbers are in the log either way
             try:
+                faults.report_writing(step)  # a no-op; the failure tests make the report writing fail here
                 for key in ("retrieval", "retrieval_confusable"):
                     log.info("eval step %d: %s Hit@5 %s", step, key,
                              " ".join(f"{k} {v:.3f}" for k, v in report[key]["hit@5"].items()))

@@ -1,13 +1,14 @@
 """launch/pretrain.py with faults injected, for the failure tests (tests/test_operations.py).
 
     deepspeed --num_gpus 2 tests/scripts/faulty_pretrain.py [--nonfinite 3,5.1] [--save-pause-s 30] \
-        [--pause-pids DIR] <launch/pretrain.py arguments>
+        [--pause-pids DIR] [--fail-evaluation] [--fail-report] <launch/pretrain.py arguments>
 
 ``--nonfinite``: the losses made NaN, ``S`` (every micro-batch of optimizer step S, 1-based) or ``S.M``
 (micro-batch M of step S, 0-based). ``--save-pause-s``: every rank waits that long between writing its
 checkpoint files and publishing them, so that a test can kill a rank mid-save; with ``--pause-pids`` it
 first writes its process id to ``DIR/rank<r>.pid``, so that the test knows which process is paused
-where without reading the process table. Both replace the no-op
+where without reading the process table. ``--fail-evaluation``: every evaluation raises on every rank
+as it starts; ``--fail-report``: rank 0's writing of every evaluation report raises. All replace the no-op
 injection points of rcml/train/faults.py before the trainer starts; nothing is read from the environment.
 """
 
@@ -38,6 +39,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--nonfinite", default="")
     p.add_argument("--save-pause-s", type=float, default=0.0)
     p.add_argument("--pause-pids", type=Path, default=None)
+    p.add_argument("--fail-evaluation", action="store_true")
+    p.add_argument("--fail-report", action="store_true")
     args, rest = p.parse_known_args(argv)
     bad = parse_nonfinite(args.nonfinite)
     if bad:
@@ -53,6 +56,16 @@ def main(argv: list[str]) -> int:
             time.sleep(args.save_pause_s)
 
         faults.before_publish = pause
+    if args.fail_evaluation:
+        def fail_evaluation(step):
+            raise RuntimeError(f"injected: the evaluation at step {step} fails")
+
+        faults.evaluation = fail_evaluation
+    if args.fail_report:
+        def fail_report(step):
+            raise OSError(f"injected: writing the report of step {step} fails")
+
+        faults.report_writing = fail_report
     return pretrain.main(rest)
 
 
