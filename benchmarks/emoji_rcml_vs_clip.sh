@@ -105,7 +105,7 @@ if [ -n "${EMOJI_RUNS_ONLY:-}" ]; then  # e.g. EMOJI_RUNS_ONLY=rcml,clip: a subs
   RUN_SPECS=("${keep[@]}")
 fi
 if [ "$ABLATIONS" = 1 ]; then
-  RUN_SPECS+=(
+  ABLATION_SPECS=(
     "paper_rcml|train||model.mode=rcml loss.w_cond=0 loss.positives=group data.hard_batches=false data.type_quotas= model.mix=legacy"
     "no_cond|train||model.mode=rcml loss.w_cond=0"
     "no_intra|train||model.mode=rcml loss.w_intra=0"
@@ -115,15 +115,11 @@ if [ "$ABLATIONS" = 1 ]; then
     "beta_0|train||model.mode=rcml model.beta=0"
     "beta_0.6|train||model.mode=rcml model.beta=0.6"
   )
-fi
-if [ "$ABLATIONS" = 1 ] && [ -n "${EMOJI_ABLATIONS_ONLY:-}" ]; then  # e.g. EMOJI_ABLATIONS_ONLY=beta_0.6
-  main_runs=",rcml,clip,beta_1,clip_plain,"
-  keep=()
-  for spec in "${RUN_SPECS[@]}"; do
-    name=${spec%%|*}
-    if [[ "$main_runs" == *",$name,"* ]] || [[ ",$EMOJI_ABLATIONS_ONLY," == *",$name,"* ]]; then keep+=("$spec"); fi
+  for spec in "${ABLATION_SPECS[@]}"; do  # EMOJI_ABLATIONS_ONLY=beta_0.6,no_cond: a subset of them
+    if [ -z "${EMOJI_ABLATIONS_ONLY:-}" ] || [[ ",$EMOJI_ABLATIONS_ONLY," == *",${spec%%|*},"* ]]; then
+      RUN_SPECS+=("$spec")
+    fi
   done
-  RUN_SPECS=("${keep[@]}")
 fi
 if [ "$UNTRAINED" = 1 ]; then
   RUN_SPECS+=(

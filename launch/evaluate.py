@@ -6,7 +6,8 @@
 --checkpoint is an export folder, a training run directory (``train.out_dir``: its ``export/``, or its
 latest checkpoint while it has none), or a training checkpoint (``<out_dir>/checkpoints/step_<n>``, or
 ``checkpoints/`` for its latest), which is converted to an export in a temporary folder first
-(``python -m rcml.train.checkpoint export`` keeps one). --shards is a brace pattern, a shard directory or its manifest.json. Writes report.json, report.md
+(``python -m rcml.train.checkpoint export`` keeps one). --shards is a brace pattern, a shard directory or
+its manifest.json. Writes report.json, report.md
 and plots to --out and prints the markdown report (progress bars go to stderr). Logs to MLflow when
 MLFLOW_TRACKING_URI is set or --mlflow is given (then, without a tracking URI, into an embedded sqlite
 store ``<out>/mlflow.db``).
@@ -73,18 +74,19 @@ def resolve_checkpoint(path: Path) -> tuple[Path, bool]:
                 "training checkpoint <train.out_dir>/checkpoints/step_<n>")
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path} does not exist; {expected}")
-    if (path / checkpoint.COMPLETE).exists():  # first: a checkpoint carries a spec.json too
-        return path, True
-    if (path / EXPORT_MARKER).exists() or not path.is_dir():
-        return path, False  # rcml.from_pretrained checks the files of the export
-    if (path / "export").is_dir():
-        return path / "export", False
-    for ckpt_dir in (path, path / "checkpoints"):
-        if (ckpt_dir / checkpoint.LATEST).exists():
-            try:
-                return checkpoint.resolve(ckpt_dir, checkpoint.LATEST), True
-            except RuntimeError as exn:
-                raise FileNotFoundError(f"--checkpoint {path}: {exn}") from None
+    if not path.is_dir():
+        return path, False  # rcml.from_pretrained says what an export holds
+    if not (path / checkpoint.COMPLETE).exists():  # a checkpoint carries a spec.json too
+        if (path / EXPORT_MARKER).exists():
+            return path, False  # rcml.from_pretrained checks the files of the export
+        if (path / "export").is_dir():
+            return path / "export", False
+    try:
+        found = checkpoint.locate(path)
+    except RuntimeError as exn:
+        raise FileNotFoundError(f"--checkpoint {path}: {exn}") from None
+    if found is not None:
+        return found, True
     if path.name.startswith(checkpoint.TMP_PREFIX):
         raise FileNotFoundError(f"--checkpoint {path} is a checkpoint whose save did not finish; {expected}")
     raise FileNotFoundError(f"--checkpoint {path} is not an RCML export (no {EXPORT_MARKER}), holds no export/ and "
@@ -107,11 +109,7 @@ def load_model(path: Path, device: str):
     print(f"evaluating the training checkpoint {directory}, converted to an export first "
           f"(`python -m rcml.train.checkpoint export {directory} --out DIR` keeps one)", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="rcml-eval-") as tmp:
-        try:
-            export = export_checkpoint(directory, Path(tmp) / "export")
-        except RuntimeError as exn:
-            raise FileNotFoundError(str(exn)) from None
-        return directory, from_pretrained(export, map_location=device)
+        return directory, from_pretrained(export_checkpoint(directory, Path(tmp) / "export"), map_location=device)
 
 
 def load_samples(shards: str, max_items: int | None, strict: bool) -> tuple[list[dict], dict[str, int],
@@ -171,7 +169,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         checkpoint, loaded = load_model(Path(args.checkpoint), args.device)
         args.checkpoint = str(checkpoint)
-    except FileNotFoundError as exn:
+    except (FileNotFoundError, RuntimeError) as exn:  # RuntimeError: a checkpoint that fails its checks
         print(f"error: {exn}", file=sys.stderr)
         return 2
     try:

@@ -235,6 +235,14 @@ def _stored_shapes(weights_file: Path) -> tuple[dict[str, tuple[int, ...]], list
     return shapes, problems, clip_layout
 
 
+def spec_shapes(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """{state-dict name: shape} of the model ``spec`` describes, from the meta device (nothing allocated)."""
+    from rcml.model import RCMLModel
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in RCMLModel.from_spec(spec).state_dict().items()}
+
+
 def check_weights_match_spec(spec: dict[str, Any], weights_file: Path) -> None:
     """Raise ValueError unless ``weights_file`` (and the pooling file beside it) hold exactly the tensors, by
     name and shape, of ``spec``.
@@ -242,11 +250,8 @@ def check_weights_match_spec(spec: dict[str, Any], weights_file: Path) -> None:
     The spec's model is built on the meta device (shapes, no storage) and compared with the safetensors
     headers (no tensor is read), so a spec that describes a far larger model costs nothing to refuse.
     """
-    from rcml.model import RCMLModel
-
     try:
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in RCMLModel.from_spec(spec).state_dict().items()}
+        expected = spec_shapes(spec)
     except (ValueError, KeyError, TypeError) as exn:
         raise ValueError(f"{weights_file.parent}/spec.json does not describe a model that can be built: "
                          f"{type(exn).__name__}: {exn}") from None

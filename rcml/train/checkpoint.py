@@ -131,6 +131,18 @@ def resolve(ckpt_dir: Path, which: str) -> Path | None:
     return candidate
 
 
+def locate(path: Path) -> Path | None:
+    """The published checkpoint ``path`` names: ``path`` itself (a ``step_<n>`` directory with its COMPLETE
+    marker), else the latest of ``path`` (a ``checkpoints/`` directory) or of ``path/checkpoints`` (a run
+    directory); None when there is none. Raises RuntimeError for a ``latest`` that ``resolve`` refuses."""
+    if (path / COMPLETE).exists():
+        return path
+    for ckpt_dir in (path, path / "checkpoints"):
+        if (ckpt_dir / LATEST).exists():
+            return resolve(ckpt_dir, LATEST)
+    return None
+
+
 def save(engine, ckpt_dir: Path, step: int, rank_state: dict[str, Any], extra_files: dict[str, str],
          keep: int, rank: int) -> Path:
     """Collective: every rank must call it. Returns the published directory."""
@@ -333,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     export = sub.add_parser("export", help="write an export folder (rcml.from_pretrained, transformers' CLIPModel) "
                                            "from a checkpoint, in one process")
     export.add_argument("checkpoint", type=Path,
-                        help="a step_<n> directory, or a checkpoints/ directory (its latest checkpoint)")
+                        help="a step_<n> directory, or a checkpoints/ or run directory (its latest checkpoint)")
     export.add_argument("--out", type=Path, required=True, help="the export folder to write (replaced if it exists)")
     args = parser.parse_args(argv)
     if args.command == "seal":
@@ -342,10 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from rcml.train.checkpoint_export import export_checkpoint
 
-    path = args.checkpoint
     try:
-        if not (path / COMPLETE).exists() and (path / LATEST).exists():
-            path = resolve(path, LATEST)
+        path = locate(args.checkpoint)
+        if path is None:
+            raise RuntimeError(f"{args.checkpoint} is not a published checkpoint (no {COMPLETE}) and holds none")
         out = export_checkpoint(path, args.out)
     except (RuntimeError, FileNotFoundError) as exn:
         print(f"error: {exn}", file=sys.stderr)

@@ -51,20 +51,12 @@ def consolidated_weights(path: Path) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().to("cpu", torch.float32).contiguous() for name, tensor in state.items()}
 
 
-def _expected_keys(spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    from rcml.model import RCMLModel
-
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        model = RCMLModel.from_spec(spec)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
 def export_checkpoint(path: str | Path, out: str | Path) -> Path:
     """Write the export folder ``out`` from checkpoint ``path``; returns ``out``.
 
     Raises RuntimeError (naming the file) for a checkpoint that is incomplete, changed, written before
     checkpoints carried the conversion files, or whose weights do not fit its own spec."""
-    from rcml.export import write_export
+    from rcml.export import spec_shapes, write_export
 
     path, out = Path(path), Path(out)
     checkpoint.verify(path)  # before anything is unpickled
@@ -76,7 +68,7 @@ def export_checkpoint(path: str | Path, out: str | Path) -> Path:
             "finish and evaluate its export/.")
     spec = json.loads((path / SPEC_FILE).read_text())
     state = consolidated_weights(path)
-    expected = _expected_keys(spec)
+    expected = spec_shapes(spec)
     got = {name: tuple(t.shape) for name, t in state.items()}
     if got.keys() != expected.keys():
         lost, surplus = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
