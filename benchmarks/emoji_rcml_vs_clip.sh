@@ -19,7 +19,8 @@
 # --ablations adds, each a change of rcml: paper_rcml (the paper's objective and batches: no conditioned
 # term, drawn-for-group positives, independent group picks, legacy mix), no_cond, no_intra, no_hard,
 # no_cross_sample (every group unique to its item; min_group 1 so each row keeps its own relation text),
-# no_descriptions (one generic text per relation type), beta_0, beta_0.6.
+# no_descriptions (one generic text per relation type), beta_0, beta_0.6; and lexical, an addition to rcml:
+# the text pooling attends over the captions' word embeddings too (model.text_pool_tokens).
 # --untrained adds untrained_rcml and untrained_clip: the models at their random initialization
 # (launch/export_init.py), the floor of every learned number.
 #
@@ -114,6 +115,7 @@ if [ "$ABLATIONS" = 1 ]; then
     "no_descriptions|train_generic|_generic|model.mode=rcml"
     "beta_0|train||model.mode=rcml model.beta=0"
     "beta_0.6|train||model.mode=rcml model.beta=0.6"
+    "lexical|train||model.mode=rcml model.text_pool_tokens=contextual+lexical"
   )
   for spec in "${ABLATION_SPECS[@]}"; do  # EMOJI_ABLATIONS_ONLY=beta_0.6,no_cond: a subset of them
     if [ -z "${EMOJI_ABLATIONS_ONLY:-}" ] || [[ ",$EMOJI_ABLATIONS_ONLY," == *",${spec%%|*},"* ]]; then

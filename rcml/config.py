@@ -20,6 +20,7 @@ from typing import Any
 
 MODES = ("rcml", "clip")  # model.mode: relation-conditioned, or the CLIP baseline (relation text joined to the caption)
 MIXES = ("normalized", "legacy")  # model.mix
+TEXT_POOL_TOKENS = ("contextual", "contextual+lexical")  # model.text_pool_tokens
 POSITIVES = ("membership", "group", "item")  # loss.positives
 
 
@@ -56,6 +57,8 @@ class ModelConfig:
     mode: str = "rcml"              # rcml | clip (baseline: beta = 1, relation text joined to caption)
     beta: float = 0.3               # e = normalize(beta * global + (1 - beta) * pooled)
     mix: str = "normalized"         # normalized: global and pooled unit-norm before the mix | legacy: raw vectors
+    text_pool_tokens: str = "contextual"  # what the text pooling attends over: the tower's last states |
+                                    # contextual+lexical: those and the captions' own word embeddings
     vision_path: str = ""           # optional local transformers directory (CLIPVisionModel)
     text_path: str = ""             # optional local transformers directory (CLIPTextModel)
     init_from: str = ""             # optional local CLIPModel directory: both towers, projections, logit scale,
@@ -228,6 +231,8 @@ def validate(cfg: RunConfig) -> None:
     need(m.mode != "clip" or lo.w_inter > 0, "loss.w_inter",
          "model.mode=clip trains the cross-modal terms only (loss.w_intra is 0 there): must be > 0")
     need(m.mix in MIXES, "model.mix", f"must be one of {'|'.join(MIXES)}, got {m.mix!r}")
+    need(m.text_pool_tokens in TEXT_POOL_TOKENS, "model.text_pool_tokens",
+         f"must be one of {'|'.join(TEXT_POOL_TOKENS)}, got {m.text_pool_tokens!r}")
     need(lo.w_cond is None or lo.w_cond >= 0, "loss.w_cond", f"must be >= 0 (or empty: by mode), got {lo.w_cond}")
     need(lo.positives in POSITIVES, "loss.positives", f"must be one of {'|'.join(POSITIVES)}, got {lo.positives!r}")
     need(lo.cond_candidates >= 2, "loss.cond_candidates", f"must be >= 2, got {lo.cond_candidates}")

@@ -12,6 +12,14 @@ The normalized mix makes beta the weight it claims to be: the raw global and poo
 norm (and drift apart during training), so with the legacy mix a beta sweep does not sweep what it says.
 Specs written before ``mix`` existed load as ``legacy``.
 
+``text_pool_tokens`` says what the text pooling attends over: ``contextual`` (the paper's) the tower's
+last hidden states; ``contextual+lexical`` those and, as a second set of L tokens, the caption's own
+word embeddings (the tower's input table, no position). Relations name the words their members share
+("both are tagged repeat", "both have medium skin tone"); after a few hundred steps from scratch the
+last states of a small tower have mixed those words with their context, the input table has not. No
+new parameter: the same key/value projections read both sets. Specs without the key load as
+``contextual``.
+
 With beta = 1, or in the ``clip`` baseline mode (beta forced to 1, relation text joined to the caption
 by the data pipeline), the model is exactly CLIP and has no pooling modules at all.
 
@@ -48,7 +56,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVi
 
 from rcml import model_towers
 from rcml.batch import Batch
-from rcml.config import MIXES, MODES, ModelConfig
+from rcml.config import MIXES, MODES, TEXT_POOL_TOKENS, ModelConfig
 from rcml.model_pooling import ItemFeatures, RelationPooling
 from rcml.model_size import load_size
 from rcml.preprocess import normalize_pixels
@@ -70,6 +78,7 @@ class RCMLModel(nn.Module):
         self.impl = impl
         self.mode, self.beta = spec["mode"], float(spec["beta"])
         self.mix = spec.get("mix", "legacy")
+        self.text_pool_tokens = spec.get("text_pool_tokens", "contextual")
         self.eos_id = int(spec["tokenizer"]["eos_id"])
         dim = int(spec["embed_dim"])
         self.vision = model_towers.build_tower(CLIPVisionModel, CLIPVisionConfig.from_dict(spec["vision_config"]))
@@ -130,8 +139,19 @@ class RCMLModel(nn.Module):
         global_emb, hidden = self._text_tower(ids, mask, check)
         if not self.uses_pooling:
             return ItemFeatures(global_emb)
-        keys, values = self.text_pool.keys_values(hidden)
-        return ItemFeatures(global_emb, keys, values, mask.bool())
+        return self._pooled_text_features(global_emb, hidden, ids, mask)
+
+    def _pooled_text_features(self, global_emb: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor,
+                              mask: torch.Tensor) -> ItemFeatures:
+        """Tower outputs of captions (global [N, D], hidden [N, L, W]) -> ItemFeatures over the pooling's tokens:
+        [N, L] hidden states, or [N, 2L] hidden states then word embeddings (``contextual+lexical``)."""
+        tokens, valid = hidden, mask.bool()
+        if self.text_pool_tokens == "contextual+lexical":
+            # called as a module (not .weight indexing) so that ZeRO-3 gathers the table
+            words = self.text.get_input_embeddings()(ids).to(hidden.dtype)  # [N, L, W]
+            tokens, valid = torch.cat([hidden, words], 1), torch.cat([valid, valid], 1)
+        keys, values = self.text_pool.keys_values(tokens)
+        return ItemFeatures(global_emb, keys, values, valid)
 
     def _text_tower(self, ids: torch.Tensor, mask: torch.Tensor, check: bool = True
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,8 +232,7 @@ class RCMLModel(nn.Module):
             global_emb, hidden = self._text_tower(torch.cat([batch.text_ids, batch.relation_ids]),
                                                   torch.cat([batch.text_mask, batch.relation_mask]), check=False)
             relation_emb = global_emb[n:]
-            keys, values = self.text_pool.keys_values(hidden[:n])
-            text = ItemFeatures(global_emb[:n], keys, values, batch.text_mask.bool())
+            text = self._pooled_text_features(global_emb[:n], hidden[:n], batch.text_ids, batch.text_mask)
         else:
             if self.uses_pooling:
                 relation_emb = self._text_tower(batch.relation_ids, batch.relation_mask, check=False)[0]
@@ -239,6 +258,9 @@ def _check_spec(spec: dict[str, Any]) -> None:
         raise ValueError(f"model spec: mode must be rcml|clip and beta in [0, 1], got {spec['mode']!r}, {spec['beta']}")
     if spec.get("mix", "legacy") not in MIXES:
         raise ValueError(f"model spec: mix must be one of {MIXES}, got {spec['mix']!r}")
+    if spec.get("text_pool_tokens", "contextual") not in TEXT_POOL_TOKENS:
+        raise ValueError(f"model spec: text_pool_tokens must be one of {TEXT_POOL_TOKENS}, "
+                         f"got {spec['text_pool_tokens']!r}")
 
 
 def build_model(cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id: int, eos_id: int, context_length: int,
@@ -273,6 +295,7 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id: int, 
         "mode": cfg.mode,
         "beta": 1.0 if cfg.mode == "clip" else float(cfg.beta),
         "mix": cfg.mix,
+        "text_pool_tokens": cfg.text_pool_tokens,
         "embed_dim": embed_dim,
         "pool_heads": int(size["pool_heads"]),
         "image_size": int(image_size),

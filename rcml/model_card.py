@@ -65,6 +65,7 @@ def render_model_card(spec: dict[str, Any], run_config: dict[str, Any], *, step:
         ["seed", run_config.get("seed")],
         ["initialized from", origin or "random initialization"],
         ["mode, beta, mix", f"{spec['mode']}, {_fmt(float(spec['beta']))}, {spec.get('mix', 'legacy')}"],
+        ["text pooling attends over", spec.get("text_pool_tokens", "contextual")],
     ])
     lines += ["", "The resolved configuration is `run_config.yaml`; the architecture is `spec.json`.", "",
               "## Architecture", ""]

@@ -33,6 +33,7 @@ def test_overrides_and_yaml_merge(tmp_path):
         ("loss.w_cond=1 model.mode=clip", "loss.w_cond"),  # clip mode does not pool under relations
         ("loss.w_cond=x", "loss.w_cond"),
         ("model.mix=sum", "model.mix"),
+        ("model.text_pool_tokens=lexical", "model.text_pool_tokens"),
         ("data.type_quotas=keyword=1.5", "data.type_quotas"),
         ("data.type_quotas=keyword", "data.type_quotas"),
         ("data.type_weights=keyword=-1", "data.type_weights"),

@@ -26,9 +26,11 @@ def micro_json(tmp_path_factory):
     return str(path)
 
 
-def make(name, *, mode="rcml", beta=0.3, seed=0, vocab=VOCAB, context=L, image_size=S, mix="normalized", **paths):
+def make(name, *, mode="rcml", beta=0.3, seed=0, vocab=VOCAB, context=L, image_size=S, mix="normalized",
+         text_pool_tokens="contextual", **paths):
     torch.manual_seed(seed)
-    return build_model(ModelConfig(name=name, mode=mode, beta=beta, mix=mix, **paths), vocab_size=vocab, pad_id=PAD,
+    cfg = ModelConfig(name=name, mode=mode, beta=beta, mix=mix, text_pool_tokens=text_pool_tokens, **paths)
+    return build_model(cfg, vocab_size=vocab, pad_id=PAD,
                        bos_id=BOS, eos_id=EOS, context_length=context, image_size=image_size)
 
 
@@ -231,6 +233,50 @@ def test_spec_round_trip_rebuilds_identical_architecture(micro_json, mode):
         torch.testing.assert_close(rebuilt(x)["image_emb"], model(x)["image_emb"], rtol=0, atol=0)
         torch.testing.assert_close(rebuilt(x)["text_emb"], model(x)["text_emb"], rtol=0, atol=0)
     assert rebuilt.spec == spec
+
+
+@pytest.mark.parametrize("impl,dtype,tol", [("torch", torch.float64, 1e-10), ("triton", torch.float32, 2e-5)])
+def test_lexical_text_pooling_matches_naive_per_row(micro_json, impl, dtype, tol):
+    """contextual+lexical: each caption's pooling attends over its L last states and its L word embeddings
+    (the tower's input table, no position), padding masked in both; the image side is unchanged."""
+    model = make(micro_json, text_pool_tokens="contextual+lexical").to(dtype)
+    model.impl = impl
+    b = batch(items=7, relations=4, seed=11)
+    with torch.no_grad():
+        rel, _ = first_eos_states(model, b.relation_ids, b.relation_mask)
+        txt_global, hidden = first_eos_states(model, b.text_ids, b.text_mask)
+        words = model.text.get_input_embeddings().weight[b.text_ids]  # [I, L, W]
+        tokens, valid = torch.cat([hidden, words], 1), torch.cat([b.text_mask, b.text_mask], 1)
+        want = naive_pool(model.text_pool, tokens, valid, rel, txt_global, 0.3, b.row_item, b.row_relation)
+        contextual_only = naive_pool(model.text_pool, hidden, b.text_mask, rel, txt_global, 0.3, b.row_item,
+                                     b.row_relation)
+        got = model.encode_texts(b.text_ids, b.text_mask, rel, b.row_item, b.row_relation)
+        out = model(Batch(**(vars(b) | {"images": b.images.to(dtype)})))
+    torch.testing.assert_close(got.to(dtype), want, rtol=0, atol=tol)
+    torch.testing.assert_close(out["text_emb"], got, rtol=0, atol=tol)
+    assert (got.to(dtype) - contextual_only).abs().max() > 1e-3  # the word embeddings do take part
+    assert model.spec["text_pool_tokens"] == "contextual+lexical"
+    rebuilt = RCMLModel.from_spec(model.spec).to(dtype)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.impl = impl
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(Batch(**(vars(b) | {"images": b.images.to(dtype)})))["text_emb"],
+                                   out["text_emb"], rtol=0, atol=0)
+    # no new parameter: the same state dict loads into a contextual model
+    assert list(model.state_dict()) == list(make(micro_json).state_dict())
+
+
+def test_spec_without_text_pool_tokens_loads_as_contextual(micro_json):
+    model = make(micro_json).eval()
+    old_spec = model.spec
+    del old_spec["text_pool_tokens"]
+    old = RCMLModel.from_spec(old_spec).eval()
+    old.load_state_dict(model.state_dict())
+    x = batch(seed=12)
+    with torch.no_grad():
+        torch.testing.assert_close(old(x)["text_emb"], model(x)["text_emb"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="text_pool_tokens must be one of"):
+        RCMLModel.from_spec(model.spec | {"text_pool_tokens": "lexical"})
 
 
 def test_spec_without_mix_loads_as_the_legacy_mix(micro_json):
