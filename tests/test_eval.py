@@ -225,14 +225,21 @@ def test_blind_baselines_match_naive_scoring_and_confusable_defeats_them():
     results = {}
     for protocol in ("random", "confusable"):
         plan = plan_queries(index, 8, 1, None, protocol=protocol)
-        got = retrieval_baselines(plan, scorers)
+        got = retrieval_baselines(plan, scorers, index.group_type)
+        assert "by_type" not in retrieval_baselines(plan, scorers)["shared_groups"]
         for name, score in (("shared_groups", lambda a, b: len(groups[a] & groups[b])),
                             ("caption_overlap", lambda a, b: len(words[a] & words[b]) / len(words[a] | words[b]))):
-            hits5 = 0
-            for q, cands in zip(plan.item, plan.candidates):
+            hits5, per_type = 0, {}
+            for q, g, cands in zip(plan.item, plan.group, plan.candidates):
                 s = [score(q, c) for c in cands]
-                hits5 += 1 + sum(v >= s[0] for v in s[1:]) <= 5
+                hit = 1 + sum(v >= s[0] for v in s[1:]) <= 5
+                hits5 += hit
+                per_type.setdefault(index.group_type[g], []).append(hit)
             assert got[name]["hit@5"] == pytest.approx(hits5 / len(plan.item)), (protocol, name)
+            assert len(per_type) > 1 and set(got[name]["by_type"]) == set(per_type)
+            for rtype, hits in per_type.items():
+                assert got[name]["by_type"][rtype]["queries"] == len(hits)
+                assert got[name]["by_type"][rtype]["hit@5"] == pytest.approx(sum(hits) / len(hits)), (name, rtype)
         oracle = [all(c not in index.members[g] for c in cands[1:]) and cands[0] in index.members[g]
                   for g, cands in zip(plan.group, plan.candidates)]
         assert all(oracle)

@@ -50,17 +50,30 @@ class BlindScorers:
                             dtype=torch.float64)
 
 
-def retrieval_baselines(plan: QueryPlan, scorers: BlindScorers) -> dict[str, Any]:
-    """{name: {"hit@k": float}} on the plan's queries (positive = candidate 0), ties pessimistic."""
+def retrieval_baselines(plan: QueryPlan, scorers: BlindScorers, group_type: list[str] | None = None
+                        ) -> dict[str, Any]:
+    """{name: {"hit@k": float}} on the plan's queries (positive = candidate 0), ties pessimistic.
+
+    With ``group_type`` ([G] the type of each group, ``EvalIndex.group_type``) each name also gets
+    ``"by_type": {type: {"queries": n, "hit@1": .., "hit@5": ..}}`` over the queries of that relation type,
+    the floor of the model's per-type table."""
     if not plan.item:
         return {}
     out: dict[str, Any] = {}
+    q_type = None if group_type is None else [group_type[g] for g in plan.group]
     for name in scorers.NAMES:
         scores = scorers.matrix(name, plan.item, plan.candidates)           # [Q, C]
         positive = torch.zeros_like(scores, dtype=torch.bool)
         positive[:, 0] = True
         ranks = positive_rank(scores, positive)
         out[name] = {f"hit@{k}": v for k, v in hit_at_k(ranks, KS).items()}
+        if q_type is not None:
+            by_type = {}
+            for rtype in sorted(set(q_type)):
+                sel = torch.tensor([t == rtype for t in q_type])
+                by_type[rtype] = {"queries": int(sel.sum())} | {f"hit@{k}": v for k, v in
+                                                                 hit_at_k(ranks[sel], (1, 5)).items()}
+            out[name]["by_type"] = by_type
     return out
 
 

@@ -241,8 +241,8 @@ def evaluate(model: torch.nn.Module, tokenizer, samples: Sequence[dict[str, Any]
     for g, members in enumerate(index.members):
         type_counts[index.group_type[g]] = type_counts.get(index.group_type[g], 0) + len(members)
     baselines = {
-        "retrieval": retrieval_baselines(queries["random"], scorers),
-        "retrieval_confusable": retrieval_baselines(queries["confusable"], scorers),
+        "retrieval": retrieval_baselines(queries["random"], scorers, index.group_type),
+        "retrieval_confusable": retrieval_baselines(queries["confusable"], scorers, index.group_type),
         "gallery": gallery_baselines(gallery, scorers),
         "relation_type": {"type_prior": type_prior(pairs, index)},
         "validity": ({"type_only": type_only_probe([e[4] for e in examples], torch.tensor([e[3] for e in examples]),
