@@ -127,10 +127,10 @@ def print_type_tables(result: dict, names: list[str]) -> None:
     n_seeds = len(result[names[0]][SPLITS[0][0]]["seeds"])
     for split, title in SPLITS:
         types = result[names[0]][split]["retrieval_confusable"]["by_type"]
+        blind_report, blind = _blind_by_type(result, names, split)
         for column in ("MEAN", "TT", "IT"):
             print(f"\n### {title}, confusable negatives, by relation type: {column} Hit@5, mean ± std over "
                   f"{n_seeds} seeds\n")
-            blind_report, blind = _blind_by_type(result, names, split)
             print("| relation type | queries | " + " | ".join(names + [f"{b} (blind)" for b in blind]) + " |")
             print("|---" * (len(names) + len(blind) + 2) + "|")
             for rtype in sorted(types):

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from rcml.eval.metrics import (KS, gallery_ranks, hit_at_k, linear_probe, mean_reciprocal_rank, positive_rank,
-                               relation_type_accuracy)
+from rcml.eval.metrics import (KS, gallery_ranks, hit_at_k, linear_probe, masks_by_label, mean_reciprocal_rank,
+                               positive_rank, relation_type_accuracy)
 from rcml.eval.plan import EvalIndex, GalleryPlan, PairPlan, QueryPlan
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -50,30 +50,23 @@ class BlindScorers:
                             dtype=torch.float64)
 
 
-def retrieval_baselines(plan: QueryPlan, scorers: BlindScorers, group_type: list[str] | None = None
-                        ) -> dict[str, Any]:
-    """{name: {"hit@k": float}} on the plan's queries (positive = candidate 0), ties pessimistic.
-
-    With ``group_type`` ([G] the type of each group, ``EvalIndex.group_type``) each name also gets
-    ``"by_type": {type: {"queries": n, "hit@1": .., "hit@5": ..}}`` over the queries of that relation type,
-    the floor of the model's per-type table."""
+def retrieval_baselines(plan: QueryPlan, scorers: BlindScorers, group_type: list[str]) -> dict[str, Any]:
+    """{name: {"hit@k": float, "by_type": {type: {"queries": n, "hit@1", "hit@5"}}}} on the plan's queries
+    (positive = candidate 0), ties pessimistic. ``group_type`` [G]: each group's relation type
+    (``EvalIndex.group_type``); by_type is the floor of the model's per-type table."""
     if not plan.item:
         return {}
     out: dict[str, Any] = {}
-    q_type = None if group_type is None else [group_type[g] for g in plan.group]
+    by_type_masks = masks_by_label([group_type[g] for g in plan.group])
     for name in scorers.NAMES:
         scores = scorers.matrix(name, plan.item, plan.candidates)           # [Q, C]
         positive = torch.zeros_like(scores, dtype=torch.bool)
         positive[:, 0] = True
         ranks = positive_rank(scores, positive)
         out[name] = {f"hit@{k}": v for k, v in hit_at_k(ranks, KS).items()}
-        if q_type is not None:
-            by_type = {}
-            for rtype in sorted(set(q_type)):
-                sel = torch.tensor([t == rtype for t in q_type])
-                by_type[rtype] = {"queries": int(sel.sum())} | {f"hit@{k}": v for k, v in
-                                                                 hit_at_k(ranks[sel], (1, 5)).items()}
-            out[name]["by_type"] = by_type
+        out[name]["by_type"] = {rtype: {"queries": int(sel.sum())} | {f"hit@{k}": v for k, v in
+                                                                      hit_at_k(ranks[sel], (1, 5)).items()}
+                                for rtype, sel in by_type_masks.items()}
     return out
 
 

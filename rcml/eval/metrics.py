@@ -75,6 +75,11 @@ def hit_table(ranks: dict[str, torch.Tensor], ks: tuple[int, ...] = KS) -> dict[
     return out
 
 
+def masks_by_label(labels: list[str]) -> dict[str, torch.Tensor]:
+    """[Q] labels (e.g. each query's relation type) -> {label: [Q] bool mask}, labels sorted."""
+    return {label: torch.tensor([x == label for x in labels]) for label in sorted(set(labels))}
+
+
 def mean_reciprocal_rank(ranks: torch.Tensor) -> float:
     if ranks.numel() == 0:
         return float("nan")

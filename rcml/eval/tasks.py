@@ -19,7 +19,7 @@ import torch
 from rcml.config import MODES, EvalConfig
 from rcml.embedding import RCMLEmbedder
 from rcml.eval.baselines import BlindScorers, gallery_baselines, retrieval_baselines, type_only_probe, type_prior
-from rcml.eval.metrics import (KS, SIMILARITIES, gallery_ranks, hit_at_k, hit_table, linear_probe,
+from rcml.eval.metrics import (KS, SIMILARITIES, gallery_ranks, hit_at_k, hit_table, linear_probe, masks_by_label,
                                mean_reciprocal_rank, positive_rank, relation_type_accuracy, retrieval_scores)
 from rcml.eval.plan import (EvalIndex, GalleryPlan, PairPlan, QueryPlan, RowTable, build_index, plan_gallery,
                             plan_pairs, plan_queries)
@@ -105,11 +105,8 @@ def _retrieval(plan: QueryPlan, index: EvalIndex, row_of: dict, img: torch.Tenso
     positive = torch.zeros_like(c_rows, dtype=torch.bool)
     positive[:, 0] = True
     ranks = {s: positive_rank(scores[s], positive) for s in SIMILARITIES}                               # [Q] each
-    q_type = [index.group_type[g] for g in plan.group]
-    by_type: dict[str, Any] = {}
-    for rtype in sorted(set(q_type)):
-        sel = torch.tensor([t == rtype for t in q_type])
-        by_type[rtype] = {"queries": int(sel.sum())} | hit_table({s: r[sel] for s, r in ranks.items()}, (1, 5))
+    by_type = {rtype: {"queries": int(sel.sum())} | hit_table({s: r[sel] for s, r in ranks.items()}, (1, 5))
+               for rtype, sel in masks_by_label([index.group_type[g] for g in plan.group]).items()}
     negatives = c_rows.shape[1] - 1
     return hit_table(ranks) | {
         "protocol": plan.protocol, "by_type": by_type, "queries": len(plan.item), "candidates": c_rows.shape[1],
