@@ -136,30 +136,36 @@ class RCMLModel(nn.Module):
         return self._text_features(ids, mask)
 
     def _text_features(self, ids: torch.Tensor, mask: torch.Tensor, check: bool = True) -> ItemFeatures:
-        global_emb, hidden = self._text_tower(ids, mask, check)
+        global_emb, hidden, words = self._text_tower(ids, mask, check, with_words=self._pools_words)
         if not self.uses_pooling:
             return ItemFeatures(global_emb)
-        return self._pooled_text_features(global_emb, hidden, ids, mask)
+        return self._pooled_text_features(global_emb, hidden, words, mask)
 
-    def _pooled_text_features(self, global_emb: torch.Tensor, hidden: torch.Tensor, ids: torch.Tensor,
+    @property
+    def _pools_words(self) -> bool:
+        return self.uses_pooling and self.text_pool_tokens == "contextual+lexical"
+
+    def _pooled_text_features(self, global_emb: torch.Tensor, hidden: torch.Tensor, words: torch.Tensor | None,
                               mask: torch.Tensor) -> ItemFeatures:
-        """Tower outputs of captions (global [N, D], hidden [N, L, W]) -> ItemFeatures over the pooling's tokens:
-        [N, L] hidden states, or [N, 2L] hidden states then word embeddings (``contextual+lexical``)."""
+        """Tower outputs of captions (global [N, D], hidden [N, L, W], word embeddings [N, L, W] or None) ->
+        ItemFeatures over the pooling's tokens: [N, L] hidden states, or [N, 2L] hidden states then word
+        embeddings (``contextual+lexical``)."""
         tokens, valid = hidden, mask.bool()
         if self.text_pool_tokens == "contextual+lexical":
-            # called as a module (not .weight indexing) so that ZeRO-3 gathers the table
-            words = self.text.get_input_embeddings()(ids).to(hidden.dtype)  # [N, L, W]
-            tokens, valid = torch.cat([hidden, words], 1), torch.cat([valid, valid], 1)
+            tokens, valid = torch.cat([hidden, words.to(hidden.dtype)], 1), torch.cat([valid, valid], 1)
         keys, values = self.text_pool.keys_values(tokens)
         return ItemFeatures(global_emb, keys, values, valid)
 
-    def _text_tower(self, ids: torch.Tensor, mask: torch.Tensor, check: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (projected eos embedding [N, D], token states [N, L, W]).
+    def _text_tower(self, ids: torch.Tensor, mask: torch.Tensor, check: bool = True, with_words: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> (projected eos embedding [N, D], token states [N, L, W], word embeddings [N, L, W] or None).
 
         Pools at the first eos itself: CLIPTextModel's pooler_output takes the arg-max token id instead
         whenever eos_token_id == 2 (a legacy rule), which is exactly our tokenizer's eos id. ``check``:
         raise on a row without an eos (one host sync; ``forward`` skips it, the loader checks its batches).
+        ``with_words``: also return the tower's own token-embedding lookup (its input table, before positions),
+        taken from that call by a forward hook rather than by a second lookup, which under ZeRO-3 would gather
+        the [vocab, W] table once more per step.
         """
         if ids.shape != mask.shape or ids.dim() != 2:
             raise ValueError(f"text ids and mask must both be [N, L], got {tuple(ids.shape)} and {tuple(mask.shape)}")
@@ -168,10 +174,23 @@ class RCMLModel(nn.Module):
             bad = (~is_eos.any(1)).nonzero().flatten()[:5].tolist()
             raise ValueError(f"text rows {bad} have no eos token (id {self.eos_id}); encode texts with "
                              "rcml.tokenizer.TextTokenizer.encode, which always ends a text with eos")
-        hidden = self.text(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # [N, L, W]
+        looked_up: list[torch.Tensor] = []
+        hook = (self.text.get_input_embeddings().register_forward_hook(lambda _m, _in, out: looked_up.append(out))
+                if with_words else None)
+        try:
+            hidden = self.text(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # [N, L, W]
+        finally:
+            if hook is not None:
+                hook.remove()
+        words = None
+        if with_words:
+            if len(looked_up) != 1 or looked_up[0].shape[:2] != ids.shape:
+                raise RuntimeError(f"the text tower looked its tokens up {len(looked_up)} times, expected once "
+                                   f"with shape [N, L, W] = [{ids.shape[0]}, {ids.shape[1]}, W]")
+            words = looked_up[0]
         eos_pos = is_eos.int().argmax(1)  # first eos
         eos_state = hidden[torch.arange(ids.shape[0], device=ids.device), eos_pos]  # [N, W]
-        return self.text_projection(eos_state), hidden
+        return self.text_projection(eos_state), hidden, words
 
     def encode_relations(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Relation texts [R, L] -> relation embeddings [R, D] (the text tower's projected eos state)."""
@@ -229,10 +248,12 @@ class RCMLModel(nn.Module):
         if self.uses_pooling and batch.relation_ids.shape[1] == batch.text_ids.shape[1]:
             # Captions and relation texts in one text-tower call: one parameter gather under ZeRO-3, not two.
             n = batch.text_ids.shape[0]
-            global_emb, hidden = self._text_tower(torch.cat([batch.text_ids, batch.relation_ids]),
-                                                  torch.cat([batch.text_mask, batch.relation_mask]), check=False)
+            global_emb, hidden, words = self._text_tower(torch.cat([batch.text_ids, batch.relation_ids]),
+                                                         torch.cat([batch.text_mask, batch.relation_mask]),
+                                                         check=False, with_words=self._pools_words)
             relation_emb = global_emb[n:]
-            text = self._pooled_text_features(global_emb[:n], hidden[:n], batch.text_ids, batch.text_mask)
+            text = self._pooled_text_features(global_emb[:n], hidden[:n], None if words is None else words[:n],
+                                              batch.text_mask)
         else:
             if self.uses_pooling:
                 relation_emb = self._text_tower(batch.relation_ids, batch.relation_mask, check=False)[0]

@@ -266,6 +266,39 @@ def test_lexical_text_pooling_matches_naive_per_row(micro_json, impl, dtype, tol
     assert list(model.state_dict()) == list(make(micro_json).state_dict())
 
 
+@pytest.mark.parametrize("text_pool_tokens", ["contextual", "contextual+lexical"])
+def test_text_token_table_is_looked_up_once_per_tower_call(micro_json, text_pool_tokens):
+    """The lexical tokens are the tower's own lookup, not a second one: under ZeRO-3 every call of the
+    embedding module gathers the whole [vocab, W] table. Training (forward) calls the tower once for
+    captions and relations together, encode_texts once; the table still gets the words' gradient."""
+    model = make(micro_json, text_pool_tokens=text_pool_tokens)
+    table = model.text.get_input_embeddings()
+    calls = []
+    handle = table.register_forward_pre_hook(lambda _m, args: calls.append(tuple(args[0].shape)))
+    b = batch(items=6, relations=4, seed=21)
+    try:
+        out = model(b)
+        assert len(calls) == 1, calls
+        rel = model.encode_relations(b.relation_ids, b.relation_mask)
+        calls.clear()
+        with torch.no_grad():
+            model.encode_texts(b.text_ids, b.text_mask, rel, b.row_item, b.row_relation)
+        assert calls == [tuple(b.text_ids.shape)]
+    finally:
+        handle.remove()
+    # the gradient of the word-embedding tokens reaches the table: compare with a model whose pooling
+    # sees only the contextual states (same weights)
+    grad_of = {}
+    for tokens in ("contextual", text_pool_tokens):
+        m = make(micro_json, text_pool_tokens=tokens)
+        m.load_state_dict(model.state_dict())
+        m.zero_grad()
+        m(b)["text_emb"].pow(3).sum().backward()
+        grad_of[tokens] = m.text.get_input_embeddings().weight.grad.clone()
+    changed = (grad_of[text_pool_tokens] - grad_of["contextual"]).abs().max()
+    assert (changed > 1e-6) == (text_pool_tokens == "contextual+lexical")
+
+
 def test_spec_without_text_pool_tokens_loads_as_contextual(micro_json):
     model = make(micro_json).eval()
     old_spec = model.spec
